@@ -1,0 +1,31 @@
+# `make test` and `make demo` set up everything they need in .venv on a fresh machine.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# A fresh venv gets this torch: on machines with a local CPU wheel in pip's find-links it is
+# taken from there, elsewhere pip installs the regular (CUDA) build. An existing torch is kept.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/pytest -q tests
+
+demo: install
+	$(VENV)/bin/mergesearch demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Tiny offline experts to merge: the embedded demo problem (see `build_experts`)."""

@@ -1,0 +1,177 @@
+"""Hugging Face checkpoints: loading, layer indices, and compatibility checks.
+
+Loading never unpickles: safetensors (single or sharded with its index) first, and
+``.bin`` files only through ``torch.load(weights_only=True)``. Hub ids are resolved with
+``huggingface_hub.snapshot_download`` where a network exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError as SafetensorsError
+from safetensors.torch import load_file
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be used; the message names the model, file or tensor."""
+
+
+# `model.layers.N.` (Llama, Mistral, Qwen2/3, Gemma, Phi-3), `transformer.h.N.` (GPT-2),
+# `gpt_neox.layers.N.`, `model.decoder.layers.N.`, and `blocks.N.` / `layer.N.` generically.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The transformer block a tensor belongs to, or None for embeddings, final norm and
+    lm_head (which mergekit plans at t = 0)."""
+    m = _LAYER.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def resolve(model: str) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (safetensors preferred)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{model}: not a model folder")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CheckpointError(f"{model}: model folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, ...
+        raise CheckpointError(f"{model}: not a local folder and not downloadable ({e.__class__.__name__})") from None
+
+
+@dataclass
+class Checkpoint:
+    """A model folder: its config, tensors (loaded lazily) and vocabulary."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def open(cls, model: str) -> Checkpoint:
+        return cls(model, resolve(model))
+
+    @cached_property
+    def config(self) -> dict:
+        f = self.path / "config.json"
+        try:
+            return json.loads(f.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing (not a Hugging Face model folder)") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+    @property
+    def num_layers(self) -> int:
+        cfg = self.config.get("text_config", self.config)
+        for key in _NUM_LAYER_KEYS:
+            if key in cfg:
+                return int(cfg[key])
+        raise CheckpointError(f"{self.path / 'config.json'}: no layer count ({'/'.join(_NUM_LAYER_KEYS)})")
+
+    @property
+    def architecture(self) -> tuple[str, tuple[str, ...]]:
+        return self.config.get("model_type", "?"), tuple(self.config.get("architectures") or ())
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    def weight_files(self) -> list[Path]:
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = self.path / index_name
+            if index.exists():
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+                missing = [s for s in shards if not (self.path / s).exists()]
+                if missing:
+                    raise CheckpointError(f"{self.path / missing[0]}: shard listed in {index_name} is missing")
+                return [self.path / s for s in shards]
+            if (self.path / single).exists():
+                return [self.path / single]
+        raise CheckpointError(f"{self.path}: no model.safetensors or pytorch_model.bin found")
+
+    def load_tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in self.weight_files():
+            try:
+                if f.suffix == ".safetensors":
+                    part = load_file(f, device=str(device))
+                else:
+                    part = torch.load(f, map_location=device, weights_only=True)
+            except (SafetensorsError, OSError, RuntimeError, EOFError) as e:
+                raise CheckpointError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
+            tensors.update(part)
+        return tensors
+
+    @cached_property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes from the file headers, without reading the weights."""
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in self.weight_files():
+            if f.suffix != ".safetensors":
+                return {k: tuple(v.shape) for k, v in self.load_tensors().items()}
+            try:
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        shapes[k] = tuple(h.get_slice(k).get_shape())
+            except (SafetensorsError, OSError) as e:
+                raise CheckpointError(f"{f}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+        return shapes
+
+    @cached_property
+    def vocab(self) -> dict[str, int] | None:
+        """The tokenizer's vocabulary, or None when the folder has no tokenizer."""
+        if not any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path).get_vocab()
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot load tokenizer ({e.__class__.__name__}: {e})") from None
+
+
+def check_compatible(base: Checkpoint, sources: list[Checkpoint]) -> None:
+    """Refuse, with the first mismatching model, tensor or file named, any source that does
+    not share the base's architecture, layer count, tensor names and shapes, and vocabulary."""
+    shapes = base.tensor_shapes
+    for src in sources:
+        if src.architecture != base.architecture:
+            raise CheckpointError(
+                f"{src.name}: architecture {src.architecture[0]} {list(src.architecture[1])} "
+                f"differs from the base's {base.architecture[0]} {list(base.architecture[1])}"
+            )
+        if src.num_layers != base.num_layers:
+            raise CheckpointError(f"{src.name}: {src.num_layers} layers, the base has {base.num_layers}")
+        other = src.tensor_shapes
+        for name, shape in shapes.items():
+            if name not in other:
+                raise CheckpointError(f"{src.name}: tensor {name} is missing (present in the base)")
+            if other[name] != shape:
+                raise CheckpointError(
+                    f"{src.name}: tensor {name} has shape {list(other[name])}, the base has {list(shape)}"
+                )
+        extra = sorted(set(other) - set(shapes))
+        if extra:
+            raise CheckpointError(f"{src.name}: tensor {extra[0]} is not in the base")
+        if base.vocab is not None and src.vocab is not None and src.vocab != base.vocab:
+            diff = sorted(set(src.vocab.items()) ^ set(base.vocab.items()))[0][0]
+            raise CheckpointError(f"{src.name}: tokenizer vocabulary differs from the base's (token {diff!r})")

@@ -1,0 +1,148 @@
+"""The in-place merge engine.
+
+`TaskVectors` loads a base and its fine-tuned sources once and keeps them resident on a
+device (CUDA when present), stacked per tensor in their stored dtype: row 0 is the base,
+row i the i-th source. Task vectors are formed per tensor in float32 when a candidate is
+built, so residency costs what the checkpoints cost and a candidate reads each input
+once. `merge_into` writes every merged tensor straight into a live model's parameter;
+nothing touches the disk and no second copy of the model is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesearch.merging.checkpoint import Checkpoint, CheckpointError, check_compatible, layer_index
+from mergesearch.merging.registry import MergeInputs, MergeMethod
+from mergesearch.merging.validate import method_inputs, validate_recipe
+from mergesearch.recipe import Recipe, RecipeError, SourceModel, evaluate, layer_t
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TaskVectors:
+    """Resident weights of a base model and its sources, ready to merge any recipe."""
+
+    def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.base = Checkpoint.open(base)
+        self.sources = [Checkpoint.open(s) for s in sources]
+        check_compatible(self.base, self.sources)
+        self.num_layers = self.base.num_layers
+        self.models = [base, *sources]
+        self._rows = {}
+        for row, ckpt in enumerate([self.base, *self.sources]):
+            self._rows[ckpt.name] = row
+            self._rows.setdefault(str(ckpt.path.resolve()), row)
+
+        loaded = [c.load_tensors(self.device) for c in [self.base, *self.sources]]
+        self.names = list(loaded[0])
+        self.stacks: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            self.stacks[name] = torch.stack([m.pop(name) for m in loaded])
+        self.layers = {name: layer_index(name) for name in self.names}
+
+    # ---- recipes ----------------------------------------------------------------------
+
+    def row(self, model: str) -> int:
+        row = self._rows.get(model)
+        if row is None:
+            path = Path(model).expanduser()
+            row = self._rows.get(str(path.resolve())) if path.exists() else None
+        if row is None:
+            raise RecipeError(f"models: {model} is not among the loaded models ({', '.join(self.models)})")
+        return row
+
+    def check(self, recipe: Recipe) -> MergeMethod:
+        method = validate_recipe(recipe, self.num_layers)
+        for m in [recipe.base_model, *recipe.source_names()]:
+            if m is not None:
+                self.row(m)
+        return method
+
+    def merged_tensors(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, merged float32 tensor) for every tensor of the model."""
+        method = self.check(recipe)
+        base_name, inputs = method_inputs(method, recipe)
+        base_row = self.row(base_name) if base_name else None
+        rows = torch.tensor([self.row(s.model) for s in inputs], device=self.device)
+        with torch.no_grad():
+            for name in self.names:
+                stack = self.stacks[name]
+                t = layer_t(self.layers[name], self.num_layers)
+                x = MergeInputs(
+                    name=name,
+                    base=stack[base_row].float() if base_row is not None else None,
+                    models=stack.index_select(0, rows).float(),
+                    seed=recipe.seed,
+                )
+                yield name, method.fn(x, **resolve_params(method, recipe, inputs, name, t))
+
+    def merge_into(self, model: torch.nn.Module, recipe: Recipe,
+                   progress: Callable[[int, int], Any] | None = None) -> None:
+        """Write the recipe's merged weights into ``model``'s parameters, in place."""
+        params = self._bind(model)
+        total = len(self.names)
+        for i, (name, tensor) in enumerate(self.merged_tensors(recipe)):
+            target = params.get(name)
+            if target is not None:
+                target.copy_(tensor)
+            if progress:
+                progress(i + 1, total)
+
+    def restore_base(self, model: torch.nn.Module) -> None:
+        """Put the base weights back into ``model``."""
+        params = self._bind(model)
+        with torch.no_grad():
+            for name in self.names:
+                if name in params:
+                    params[name].copy_(self.stacks[name][0])
+
+    def _bind(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Map tensor names to the model's parameters; tied copies are written once."""
+        cached = getattr(model, "_mergesearch_params", None)
+        if cached is not None:
+            return cached
+        live = dict(model.named_parameters())  # tied parameters appear once
+        every = dict(model.named_parameters(remove_duplicate=False))
+        params = {}
+        for name in self.names:
+            p = live.get(name)
+            if p is None and name not in every:
+                raise CheckpointError(f"{self.base.name}: tensor {name} has no parameter in the live model")
+            if p is not None:
+                if tuple(p.shape) != tuple(self.stacks[name].shape[1:]):
+                    raise CheckpointError(f"live model: parameter {name} has shape {list(p.shape)}")
+                params[name] = p.data
+        model._mergesearch_params = params
+        return params
+
+    def resident_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.stacks.values())
+
+
+def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel],
+                   tensor_name: str, t: float) -> dict[str, Any]:
+    """Each knob's value for one tensor: per-model knobs from the model's own parameters,
+    then the recipe's, then the registry default; filters and gradients resolved."""
+
+    def lookup(scopes, param):
+        for scope in scopes:
+            if param.name in scope:
+                v = evaluate(scope[param.name], tensor_name, t)
+                if v is not None:
+                    return v
+        if param.required:
+            raise RecipeError(f"{param.name}: no value for tensor {tensor_name}")
+        return param.default
+
+    out: dict[str, Any] = {p.name: lookup([recipe.parameters], p) for p in method.global_params}
+    for p in method.per_model_params:
+        out[p.name] = [lookup([s.parameters, recipe.parameters], p) for s in inputs]
+    return out

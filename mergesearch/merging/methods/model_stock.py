@@ -1,0 +1,35 @@
+"""Model Stock (arXiv:2403.19522): interpolate between the base and the average of the
+fine-tuned models by a ratio derived from the angle between their task vectors."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesearch.merging.registry import MergeInputs, Param, merge_method
+
+
+@merge_method("model_stock", [Param("filter_wise", default=False, type=bool)],
+              base="required", min_sources=2, reference="https://arxiv.org/abs/2403.19522")
+def model_stock(x: MergeInputs, *, filter_wise: bool) -> torch.Tensor:
+    """t = N cos / (1 + (N-1) cos) with cos the mean pairwise cosine of the task vectors;
+    result = t * mean(models) + (1 - t) * base. Where the denominator vanishes, the base."""
+    base, models = x.base, x.models
+    n = models.shape[0]
+    if filter_wise:
+        b = base.unsqueeze(0) if base.dim() == 1 else base
+        ms = models.unsqueeze(1) if base.dim() == 1 else models
+    else:
+        b, ms = base.reshape(-1), models.reshape(n, -1)
+    offsets = ms - b
+    norms = torch.linalg.vector_norm(offsets, dim=-1)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos),
+                    n * cos / torch.where(singular, torch.ones_like(denom), denom))
+    return (t * ms.mean(dim=0) + (1 - t) * b).reshape(base.shape)

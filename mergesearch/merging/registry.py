@@ -1,0 +1,167 @@
+"""The merge-method registry: each method's function, knobs, defaults and valid ranges.
+
+A method is a pure function ``fn(x: MergeInputs, **params) -> Tensor`` over one tensor.
+Its knobs are declared once here, beside it; recipe validation and the search space read
+them from the registry, so nothing restates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import torch
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob of a method.
+
+    ``per_model`` knobs (weight, density, ...) take one value per source model; the others
+    are global. ``valid`` is the closed range a value must lie in; ``search`` the range a
+    search explores by default (None: not searched unless the user asks).
+    """
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    type: type = float
+    valid: tuple[float, float] = (-math.inf, math.inf)
+    search: tuple[float, float] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> str | None:
+        """None if ``value`` is acceptable, else what is wrong with it."""
+        if self.type is bool:
+            return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        lo, hi = self.valid
+        if not (lo <= value <= hi) or math.isnan(value):
+            return f"{value!r} is outside its valid range [{lo}, {hi}]"
+        return None
+
+
+@dataclass
+class MergeInputs:
+    """What a method sees for one tensor: float32 tensors on the engine's device.
+
+    ``models`` stacks the inputs along dim 0: the non-base sources, in recipe order (for
+    methods without a base role, every input). ``deltas`` are the task vectors.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    models: torch.Tensor
+    seed: int = 0
+
+    @cached_property
+    def deltas(self) -> torch.Tensor:
+        if self.base is None:
+            raise ValueError(f"{self.name}: this method needs a base model")
+        return self.models - self.base
+
+    def uniform(self, stream: int, shape: torch.Size | None = None) -> torch.Tensor:
+        """Uniform [0, 1) numbers, identical on every device and in any tensor order.
+
+        Counter-based: element i of stream s of tensor `name` under `seed` is a PCG hash
+        of i keyed by (seed, name, s), computed in int64 without overflow, so CPU and GPU
+        give the same bits and no generator state is shared between tensors.
+        """
+        shape = self.models.shape[1:] if shape is None else shape
+        digest = hashlib.blake2b(f"{self.seed}\0{self.name}\0{stream}".encode(), digest_size=4)
+        key = int.from_bytes(digest.digest(), "little")
+        n = math.prod(shape)
+        x = torch.arange(n, dtype=torch.int64, device=self.models.device)
+        h = _pcg(_pcg(x) ^ key)
+        return ((h >> 8).to(torch.float32) * (2.0**-24)).reshape(shape)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _pcg(x: torch.Tensor) -> torch.Tensor:
+    # PCG-RXS-M-XS (Jarzynski & Olano, "Hash Functions for GPU Rendering"), 32-bit lanes
+    # held in int64 so that every product stays below 2**63.
+    state = (x * 747796405 + 2891336453) & _M32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _M32
+    return (word >> 22) ^ word
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "none"]
+    min_sources: int = 1
+    max_sources: int | None = None
+    random: bool = False
+    reference: str = ""
+    mergekit: bool = True
+    doc: str = field(default="", repr=False)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def per_model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    params: list[Param] | tuple[Param, ...] = (),
+    *,
+    base: Literal["required", "optional", "none"] = "required",
+    min_sources: int = 1,
+    max_sources: int | None = None,
+    random: bool = False,
+    reference: str = "",
+    mergekit: bool = True,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn`` under ``name`` with its knobs."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        METHODS[name] = MergeMethod(
+            name, fn, tuple(params), base, min_sources, max_sources, random, reference,
+            mergekit, (fn.__doc__ or "").strip(),
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    from mergesearch.merging import methods  # noqa: F401  (registers the built-ins)
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    from mergesearch.merging import methods  # noqa: F401
+
+    return dict(METHODS)

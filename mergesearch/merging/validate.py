@@ -1,0 +1,109 @@
+"""Recipe checks against the registry, made before any weights are read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergesearch.merging.registry import MergeMethod, get_method
+from mergesearch.recipe import Recipe, RecipeError, SourceModel, anchors, evaluate, scalars
+
+
+def method_inputs(method: MergeMethod, recipe: Recipe) -> tuple[str | None, list[SourceModel]]:
+    """The base and the inputs a method sees: methods without a base role take every listed
+    model; the others take the listed models other than the base, in recipe order."""
+    if method.base == "none":
+        return None, list(recipe.models)
+    return recipe.base_model, [s for s in recipe.models if s.model != recipe.base_model]
+
+
+def validate_recipe(recipe: Recipe, num_layers: int | None = None) -> MergeMethod:
+    """Raise RecipeError naming the first bad field; return the recipe's method."""
+    try:
+        method = get_method(recipe.method)
+    except KeyError as e:
+        raise RecipeError(f"method: {e.args[0]}") from None
+    base, inputs = method_inputs(method, recipe)
+    if not recipe.models:
+        raise RecipeError("models: at least one source model is needed")
+    if method.base == "required" and not base:
+        raise RecipeError(f"base_model: {method.name} needs a base model")
+    if method.base == "none" and base and base not in recipe.source_names() and method.name != "passthrough":
+        raise RecipeError(
+            f"base_model: {method.name} has no base role; list {base} under models with a weight"
+        )
+    if len(inputs) < method.min_sources:
+        raise RecipeError(f"models: {method.name} needs at least {method.min_sources} model(s) besides the base, got {len(inputs)}")
+    if method.max_sources is not None and len(inputs) > method.max_sources:
+        raise RecipeError(f"models: {method.name} takes at most {method.max_sources} model(s) besides the base, got {len(inputs)}")
+    names = recipe.source_names()
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise RecipeError(f"models: {dup} is listed twice")
+
+    known = {p.name for p in method.params}
+    for where, params, allowed in (
+        ("parameters", recipe.parameters, known),
+        *((f"models[{i}].parameters", s.parameters, {p.name for p in method.per_model_params})
+          for i, s in enumerate(recipe.models)),
+    ):
+        for key, value in params.items():
+            if key not in allowed:
+                hint = " (a global knob: set it under parameters)" if key in known else ""
+                raise RecipeError(f"{where}.{key}: not a parameter of {method.name}{hint}; "
+                                  f"its parameters are {', '.join(sorted(known)) or 'none'}")
+            _check_value(method, f"{where}.{key}", key, value, num_layers)
+
+    for p in method.global_params:
+        if p.required and p.name not in recipe.parameters:
+            raise RecipeError(f"parameters.{p.name}: required by {method.name}")
+    for i, s in enumerate(recipe.models):
+        if s not in inputs:
+            continue
+        for p in method.per_model_params:
+            if p.required and p.name not in s.parameters and p.name not in recipe.parameters:
+                raise RecipeError(f"models[{i}].parameters.{p.name}: required by {method.name} for {s.model}")
+    _check_della(method, recipe, num_layers)
+    return method
+
+
+def _check_value(method: MergeMethod, field: str, key: str, value: Any, num_layers: int | None) -> None:
+    param = method.param(key)
+    for a in anchors(value):
+        if not a:
+            raise RecipeError(f"{field}: empty list")
+        if num_layers is not None and len(a) > num_layers:
+            raise RecipeError(
+                f"{field}: {len(a)} values fit no layer count of this model ({num_layers} layers); "
+                f"give one value per layer or fewer anchors to interpolate"
+            )
+    for v in scalars(value):
+        if param.type is not bool and v is None:
+            continue
+        problem = param.check(v)
+        if problem and not (param.default is None and v is None):
+            raise RecipeError(f"{field}: {problem}")
+
+
+def _check_della(method: MergeMethod, recipe: Recipe, num_layers: int | None) -> None:
+    """DELLA needs density +/- epsilon inside (0, 1) wherever density < 1."""
+    if not method.param("epsilon"):
+        return
+    layers = range(num_layers or 2)
+    for i, s in enumerate(recipe.models):
+        for layer in layers:
+            t = layer / (len(layers) - 1)
+            d = _resolve(s, recipe, "density", t, method)
+            e = _resolve(s, recipe, "epsilon", t, method)
+            if isinstance(d, (int, float)) and isinstance(e, (int, float)) and d < 1 and (d + e >= 1 or d - e <= 0):
+                raise RecipeError(
+                    f"models[{i}].parameters.epsilon: density {d:g} +/- epsilon {e:g} must stay inside (0, 1)"
+                )
+
+
+def _resolve(s: SourceModel, recipe: Recipe, key: str, t: float, method: MergeMethod) -> Any:
+    for scope in (s.parameters, recipe.parameters):
+        if key in scope:
+            v = evaluate(scope[key], "", t)
+            if v is not None:
+                return v
+    return method.param(key).default

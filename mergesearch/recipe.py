@@ -1,0 +1,347 @@
+"""The Recipe: one merge, as a plain value.
+
+A recipe names a method, an optional base model, the source models with their
+per-model parameters, the method's global parameters and a seed. It is what the search
+space produces, what the engine consumes, what the study stores on each trial and what
+export writes out. Parameter values follow mergekit's grammar so that any mergekit
+`models:` config is a recipe:
+
+* a scalar (``0.5``, ``true``);
+* a gradient: a list of anchors interpolated over the layers (``[0.2, 0.8]``); a list
+  with one value per layer is the special case with an anchor on every layer;
+* a list of ``{filter, value}`` conditions: the first whose filter is a substring of the
+  tensor name (or has no filter) gives the value, e.g. ``self_attn`` or ``mlp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+ParamValue = Union[Scalar, list[Scalar], list[Conditional], Conditional]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the field or file."""
+
+
+class SourceModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    """One merge candidate. Immutable; `hash()` is stable across processes and machines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    base_model: str | None = None
+    models: list[SourceModel]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    seed: int = 0
+    dtype: str | None = None
+
+    # ---- identity -------------------------------------------------------------------
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    # ---- our JSON -------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{source}: {_first_error(e)}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read our recipe JSON or a mergekit YAML, whichever the file holds."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML/JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: expected a mapping at the top level")
+        if "merge_method" in data:
+            return cls.from_mergekit(data, source=str(path))
+        return cls.from_dict(data, source=str(path))
+
+    # ---- mergekit YAML --------------------------------------------------------------
+
+    def to_mergekit(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "merge_method": self.method,
+            "models": [
+                {"model": s.model, **({"parameters": _dump(s.parameters)} if s.parameters else {})}
+                for s in self.models
+            ],
+        }
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        if self.parameters:
+            out["parameters"] = _dump(self.parameters)
+        if self.dtype:
+            out["dtype"] = self.dtype
+        return out
+
+    def to_mergekit_yaml(self) -> str:
+        return yaml.safe_dump(self.to_mergekit(), sort_keys=False)
+
+    @classmethod
+    def from_mergekit(cls, data: dict[str, Any] | str, source: str = "mergekit config") -> Recipe:
+        """Import a mergekit config (`models:` or depth-preserving `slices:` form)."""
+        if isinstance(data, str):
+            data = yaml.safe_load(data)
+        data = dict(data)
+        method = data.pop("merge_method", None)
+        if not method:
+            raise RecipeError(f"{source}: merge_method is missing")
+        base = data.pop("base_model", None)
+        params = data.pop("parameters", None) or {}
+        dtype = data.pop("dtype", None) or data.pop("out_dtype", None)
+        data.pop("tokenizer_source", None)
+        data.pop("chat_template", None)
+        if "modules" in data:
+            raise RecipeError(f"{source}: modules: configs are not supported; use models: or slices:")
+        models, slices = data.pop("models", None), data.pop("slices", None)
+        if data:
+            raise RecipeError(f"{source}: unknown key {sorted(data)[0]!r}")
+        if bool(models) == bool(slices):
+            raise RecipeError(f"{source}: exactly one of 'models' or 'slices' must be given")
+        if slices:
+            models, params = _flatten_slices(slices, params, base, source)
+        return cls.from_dict(
+            {"method": method, "base_model": base, "models": models, "parameters": params,
+             "dtype": dtype},
+            source=source,
+        )
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def source_names(self) -> list[str]:
+        return [s.model for s in self.models]
+
+    def with_models(self, mapping: dict[str, str]) -> Recipe:
+        """The same recipe with model references renamed (e.g. aliases to paths)."""
+        rename = lambda m: mapping.get(m, m)  # noqa: E731
+        return self.model_copy(update={
+            "base_model": rename(self.base_model) if self.base_model else None,
+            "models": [s.model_copy(update={"model": rename(s.model)}) for s in self.models],
+        })
+
+
+# ---- parameter values ----------------------------------------------------------------
+
+
+def evaluate(value: ParamValue, tensor_name: str, t: float) -> Any:
+    """Resolve a parameter value for one tensor at relative depth ``t`` in [0, 1].
+
+    Same rules as mergekit's `evaluate_setting`: numeric anchor lists interpolate
+    linearly at ``t * (n - 1)``; non-numeric lists pick the anchor at ``int(t * (n - 1))``;
+    conditions apply in order, the first matching filter wins; no match gives None.
+    """
+    if isinstance(value, Conditional):
+        value = [value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if not value:
+        return None
+    if all(isinstance(v, Conditional) for v in value):
+        for cond in value:
+            if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+                return evaluate(cond.value, tensor_name, t)
+        return None
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numeric:
+        return value[int(t * (len(value) - 1))]
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]
+
+
+def anchors(value: ParamValue) -> list[list[Scalar]]:
+    """Every anchor list inside a value (for length checks)."""
+    if isinstance(value, Conditional):
+        value = [value]
+    if isinstance(value, list):
+        if value and all(isinstance(v, Conditional) for v in value):
+            return [a for c in value for a in anchors(c.value)]
+        return [value]
+    return []
+
+
+def scalars(value: ParamValue) -> list[Scalar]:
+    """Every scalar a value can resolve to at an anchor (for range checks)."""
+    return [v for a in anchors(value) for v in a] or (
+        [value] if isinstance(value, (bool, int, float, str)) else []
+    )
+
+
+def layer_t(layer: int | None, num_layers: int) -> float:
+    """Relative depth as mergekit computes it: layer i of L at i/(L-1); non-layer tensors at 0."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _dump(params: dict[str, ParamValue]) -> dict[str, Any]:
+    def one(v: ParamValue) -> Any:
+        if isinstance(v, Conditional):
+            return {k: x for k, x in v.model_dump(mode="json").items() if x is not None}
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+
+    return {k: one(v) for k, v in params.items()}
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def _flatten_slices(
+    slices: list[dict[str, Any]], top_params: dict[str, Any], base: str | None, source: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Turn depth-preserving `slices:` into one models list with per-layer parameter lists.
+
+    Each slice's gradients are evaluated at mergekit's per-slice t for each of its layers,
+    so the resulting one-value-per-layer lists reproduce the slice semantics exactly.
+    """
+    order: list[str] = []
+    ranges: list[tuple[int, int]] = []
+    for i, sl in enumerate(slices):
+        srcs = sl.get("sources") or []
+        if not srcs:
+            raise RecipeError(f"{source}: slices[{i}].sources is empty")
+        if sl.get("base_model") not in (None, base):
+            raise RecipeError(f"{source}: slices[{i}].base_model differs from base_model")
+        names = [s["model"] for s in srcs]
+        rngs = {tuple(s["layer_range"]) for s in srcs}
+        if len(rngs) != 1:
+            raise RecipeError(
+                f"{source}: slices[{i}] takes different layer ranges from its sources; "
+                "this changes which layer sits where and is not supported"
+            )
+        ranges.append(rngs.pop())
+        if i == 0:
+            order = names
+        elif set(names) != set(order):
+            raise RecipeError(f"{source}: slices[{i}] uses different models than slices[0]")
+    expected = 0
+    for i, (a, b) in enumerate(ranges):
+        if a != expected or b <= a:
+            raise RecipeError(
+                f"{source}: slices[{i}].layer_range {[a, b]} changes the layer count or order "
+                "(a depth-changing frankenmerge); only slices that keep every layer at its "
+                "position are supported"
+            )
+        expected = b
+    num_layers = expected
+    if len(slices) == 1:
+        sl = slices[0]
+        models = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sl["sources"]]
+        return models, {**top_params, **(sl.get("parameters") or {})}
+
+    # Several slices: every parameter becomes an explicit per-layer list (per filter).
+    def per_layer(getter) -> Any:
+        # Gather the filters used anywhere, then evaluate layer by layer.
+        filters: list[str | None] = []
+        for (a, b), sl in zip(ranges, slices):
+            for v in getter(sl):
+                for c in _conditions(v):
+                    if c not in filters:
+                        filters.append(c)
+        if not any(getter(sl) for sl in slices):
+            return None
+        out = []
+        for f in filters or [None]:
+            vals = []
+            for (a, b), sl in zip(ranges, slices):
+                n = b - a
+                for j in range(n):
+                    t = j / (n - 1) if n > 1 else 1.0
+                    v = None
+                    for setting in getter(sl):
+                        v = evaluate(_coerce(setting), f or "", t)
+                        if v is not None:
+                            break
+                    vals.append(v)
+            if any(v is None for v in vals):
+                raise RecipeError(f"{source}: a parameter is missing in some slices")
+            out.append({"filter": f, "value": vals} if f is not None else {"value": vals})
+        if len(vals) != num_layers:  # pragma: no cover - guaranteed by construction
+            raise RecipeError(f"{source}: internal slice flattening error")
+        return out if filters != [None] and filters else out[0]["value"]
+
+    keys = {k for sl in slices for k in (sl.get("parameters") or {})}
+    params = dict(top_params)
+    for k in keys:
+        params[k] = per_layer(lambda sl, k=k: [v for v in [(sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None])
+    models = []
+    for name in order:
+        pkeys = {k for sl in slices for s in sl["sources"] if s["model"] == name for k in (s.get("parameters") or {})}
+        mparams = {}
+        for k in pkeys:
+            def g(sl, k=k, name=name):
+                own = [(s.get("parameters") or {}).get(k) for s in sl["sources"] if s["model"] == name]
+                return [v for v in [*own, (sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None]
+            mparams[k] = per_layer(g)
+        models.append({"model": name, "parameters": mparams})
+    return models, params
+
+
+def _conditions(v: Any) -> list[str | None]:
+    if isinstance(v, dict):
+        return [v.get("filter")]
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return [x.get("filter") for x in v]
+    return [None]
+
+
+def _coerce(v: Any) -> ParamValue:
+    if isinstance(v, dict):
+        return Conditional(**v)
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return [Conditional(**x) for x in v]
+    return v
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
