@@ -30,7 +30,7 @@ Scalar = Union[bool, int, float, str]
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     filter: str | None = None
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
 
 
 ParamValue = Union[Scalar, list[Scalar], list[Conditional], Conditional]
@@ -283,7 +283,7 @@ def _flatten_slices(
     def per_layer(getter) -> Any:
         # Gather the filters used anywhere, then evaluate layer by layer.
         filters: list[str | None] = []
-        for (a, b), sl in zip(ranges, slices):
+        for sl in slices:
             for v in getter(sl):
                 for c in _conditions(v):
                     if c not in filters:

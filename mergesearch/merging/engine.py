@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from mergesearch.merging.checkpoint import Checkpoint, CheckpointError, check_compatible, layer_index
+from mergesearch.merging.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_compatible,
+    layer_index,
+)
 from mergesearch.merging.registry import MergeInputs, MergeMethod
 from mergesearch.merging.validate import method_inputs, validate_recipe
 from mergesearch.recipe import Recipe, RecipeError, SourceModel, evaluate, layer_t
@@ -146,3 +151,12 @@ def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel
     for p in method.per_model_params:
         out[p.name] = [lookup([s.parameters, recipe.parameters], p) for s in inputs]
     return out
+
+
+def load_live_model(model: str | Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
+    """The model the candidates are written into: the base, loaded once, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
+    live = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
+    return live.eval()

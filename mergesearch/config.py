@@ -1,0 +1,328 @@
+"""The configuration schema: the one place that reads what the user wrote.
+
+A config is YAML validated by pydantic; unknown keys and wrong types are refused with the
+field's path. ``mergesearch schema`` prints the JSON schema. Relative paths are taken
+relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+class Models(_Strict):
+    base: str = Field(description="Base model: a folder, a hub id, or demo:base")
+    sources: dict[str, str] = Field(
+        description="Fine-tuned models made from the base, by a short name (alias: folder, "
+                    "hub id or demo:<skill>)")
+    dtype: str | None = Field(None, description="dtype of the live candidate model (default: as stored)")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folders")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _list_to_dict(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {Path(str(s)).name or str(s): s for s in v}
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one source model is needed")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("float32", "float16", "bfloat16"):
+            raise ValueError("expected float32, float16 or bfloat16")
+        return v
+
+
+# ---- search space -----------------------------------------------------------------------
+
+Bound = Union[bool, float, list[float], list[bool]]
+
+
+class Space(_Strict):
+    methods: dict[str, dict[str, Bound]] = Field(
+        default_factory=lambda: {"task_arithmetic": {}, "ties": {}, "dare_ties": {}},
+        description="Methods to search (a list of names, or name -> knob overrides)")
+    params: dict[str, Bound] = Field(
+        default_factory=dict,
+        description="Knob overrides for every method: a value fixes the knob, [low, high] bounds it")
+    layer_groups: int = Field(1, ge=1, description="Per-layer values in this many groups of layers (1: one value for all)")
+    layer_mode: Literal["piecewise", "smooth"] = Field(
+        "piecewise", description="piecewise: constant within a group; smooth: anchors interpolated over depth")
+    split_attn_mlp: bool = Field(False, description="Separate values for attention and MLP tensors")
+    per_layer: list[str] = Field(default_factory=lambda: ["weight", "density"],
+                                 description="Which per-model knobs vary over layers")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_list(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {m: {} for m in v}
+        return v
+
+    @model_validator(mode="after")
+    def _known(self) -> Space:
+        from mergesearch.merging.registry import all_methods
+
+        known = all_methods()
+        if not self.methods:
+            raise ValueError("methods: at least one method is needed")
+        for name, overrides in self.methods.items():
+            if name not in known:
+                raise ValueError(f"methods.{name}: unknown merge method; known: {', '.join(sorted(known))}")
+            for key, bound in overrides.items():
+                param = known[name].param(key)
+                if param is None:
+                    raise ValueError(f"methods.{name}.{key}: not a parameter of {name}")
+                _check_bound(f"methods.{name}.{key}", param, bound)
+        for key, bound in self.params.items():
+            params = [m.param(key) for n, m in known.items() if n in self.methods and m.param(key)]
+            if not params:
+                raise ValueError(f"params.{key}: no chosen method has this parameter")
+            _check_bound(f"params.{key}", params[0], bound)
+        return self
+
+
+def _check_bound(field: str, param, bound: Bound) -> None:
+    values = bound if isinstance(bound, list) else [bound]
+    if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
+        raise ValueError(f"{field}: a range is [low, high] with low <= high")
+    for v in values:
+        problem = param.check(v)
+        if problem:
+            raise ValueError(f"{field}: {problem}")
+
+
+# ---- objectives ---------------------------------------------------------------------------
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(description="datasets.load_dataset path: 'json', 'text', 'parquet' or a hub id")
+    name: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+
+class Objective(_Strict):
+    name: str
+    evaluator: Literal["lm_eval", "perplexity", "cost"] = "lm_eval"
+    direction: Literal["maximize", "minimize"] | None = None
+    # lm_eval
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names")
+    metric: str | None = Field(None, description="lm-eval metric key, e.g. 'acc,none'; the mean over tasks is used. "
+                                                 "For cost: kept_fraction")
+    limit: int | float | None = Field(None, description="Examples per task (int) or fraction (float < 1)")
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    gen_kwargs: dict[str, Any] | None = None
+    seed: int = 1234
+    # perplexity
+    dataset: DatasetSpec | None = None
+    max_tokens: int = Field(16384, ge=1, description="Token budget for perplexity")
+    seq_len: int = Field(256, ge=2)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Objective:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"name: {self.name!r} may only use letters, digits, '_', '.', '-'")
+        if self.evaluator == "lm_eval":
+            if not self.tasks:
+                raise ValueError("tasks: an lm_eval objective needs at least one task")
+            if not self.metric:
+                raise ValueError("metric: an lm_eval objective names the metric it reads, e.g. 'acc,none'")
+        if self.evaluator == "perplexity" and self.dataset is None:
+            raise ValueError("dataset: a perplexity objective needs a dataset")
+        if self.evaluator == "cost" and self.metric not in (None, "kept_fraction"):
+            raise ValueError("metric: cost objectives offer kept_fraction")
+        if self.limit is not None and (self.limit <= 0 or (isinstance(self.limit, float) and self.limit > 1)):
+            raise ValueError("limit: a positive count, or a fraction in (0, 1]")
+        if self.direction is None:
+            self.direction = "maximize" if self.evaluator == "lm_eval" else "minimize"
+        return self
+
+
+class LmEvalSettings(_Strict):
+    include_path: list[str] = Field(default_factory=list, description="Folders of custom task YAMLs")
+    include_defaults: bool = Field(True, description="Index lm-eval's built-in tasks too (~4 s per worker)")
+    allow_unsafe_code: bool = Field(False, description="Allow tasks that execute model-written code")
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+# ---- study, sampler, budget, workers -----------------------------------------------------
+
+
+class Study(_Strict):
+    name: str = "mergesearch"
+    storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run folder); "
+                                                  "journal:PATH for a journal file")
+    run_dir: str | None = Field(None, description="Run folder (default: runs/<name>)")
+
+
+class Sampler(_Strict):
+    name: Literal["nsga2", "nsga3", "tpe", "gp", "random", "cmaes"] | None = None
+    seed: int = 0
+    population_size: int | None = Field(None, ge=2, description="NSGA population (default: max(16, 2 x workers))")
+
+
+class Budget(_Strict):
+    n_trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0, description="Seconds")
+
+    @model_validator(mode="after")
+    def _some(self) -> Budget:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("n_trials or timeout is needed")
+        return self
+
+
+class Workers(_Strict):
+    count: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    address: str | None = Field(None, description="Address of an existing Ray cluster to join (else a local one)")
+    max_retries: int = Field(2, ge=0, description="Times a trial is retried when its worker dies")
+    object_store_memory: int | None = Field(None, description="Bytes, for a local Ray")
+    dashboard_host: str = "127.0.0.1"
+
+
+class Config(_Strict):
+    models: Models
+    space: Space = Field(default_factory=Space)
+    objectives: list[Objective]
+    heldout: list[Objective] = Field(default_factory=list, description="Objectives scored on demand (eval, export), not optimised")
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
+    study: Study = Field(default_factory=Study)
+    sampler: Sampler = Field(default_factory=Sampler)
+    budget: Budget = Field(default_factory=lambda: Budget(n_trials=50))
+    workers: Workers = Field(default_factory=Workers)
+    seed: int = Field(0, description="Seed of random merge methods (DARE, DELLA)")
+
+    # Where relative paths are resolved; not part of the schema.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        names = [o.name for o in self.objectives + self.heldout]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"objectives: the name {dup!r} is used twice")
+        if not self.objectives:
+            raise ValueError("objectives: at least one objective is needed")
+        if self.sampler.name == "cmaes" and len(self.objectives) > 1:
+            raise ValueError("sampler.name: cmaes handles a single objective; use nsga2, nsga3, tpe, gp or random")
+        if self.sampler.name is None:
+            self.sampler.name = "nsga2" if len(self.objectives) > 1 else "tpe"
+        return self
+
+    # ---- derived values --------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path(self.study.run_dir or f"runs/{self.study.name}")
+
+    @property
+    def storage_url(self) -> str:
+        if self.study.storage:
+            url = self.study.storage
+            if url.startswith("journal:"):
+                return "journal:" + str(self.path(url.removeprefix("journal:").removeprefix("//")))
+            if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+                return "sqlite:///" + str(self.path(url.removeprefix("sqlite:///")))
+            return url
+        return f"sqlite:///{self.run_dir / 'study.db'}"
+
+    @property
+    def population_size(self) -> int:
+        return self.sampler.population_size or max(16, 2 * self.workers.count)
+
+    def path(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def include_paths(self) -> list[str]:
+        return [str(self.path(p)) for p in self.lm_eval.include_path]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The config as stored on the study: JSON-safe, passwords masked."""
+        data = self.model_dump(mode="json")
+        if data["study"]["storage"]:
+            data["study"]["storage"] = mask_password(data["study"]["storage"])
+        data["root"] = str(self.root)
+        return data
+
+
+def mask_password(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    return re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, source=str(path), root=path.resolve().parent)
+
+
+def parse_config(data: dict[str, Any], source: str = "config", root: Path | None = None) -> Config:
+    data = {k: v for k, v in data.items() if k != "root"}
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+    cfg.root = root or Path.cwd()
+    return cfg
+
+
+def format_validation_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
