@@ -7,6 +7,7 @@ User errors (bad config, recipe, model folder, storage) print one line and exit 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -77,6 +78,186 @@ def merge(
         bar.update(task, description="writing", total=None)
         path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r)
     out.print(f"wrote {path}")
+
+
+# ---- search -----------------------------------------------------------------------------
+
+RunArg = typer.Argument(None, help="Run folder (holds run.json)")
+StorageOpt = typer.Option(None, "--storage", help="Optuna storage URL, instead of a run folder")
+StudyOpt = typer.Option(None, "--study", help="Study name, with --storage")
+
+
+def _search(config) -> None:
+    from rich.live import Live
+    from rich.text import Text
+
+    from mergesearch.search import Runner, study_hypervolume
+
+    def line(p) -> Text:
+        total = f"/{p.total}" if p.total else ""
+        eta = p.eta_s()
+        best = "  ".join(f"{k}={v:.4g}" for k, v in p.best.items())
+        return Text(f"trials {p.done}{total}  in flight {p.in_flight}  failed {p.failed}  "
+                    f"front {p.front_size}  {best}" + (f"  ETA {eta:.0f}s" if eta is not None else ""))
+
+    out.print(f"study [bold]{config.study.name}[/bold] in {config.run_dir}")
+    with Live(Text("starting workers..."), console=err, refresh_per_second=4, transient=False) as live:
+        runner = Runner(config, on_progress=lambda p: live.update(line(p)))
+        try:
+            study = runner.run()
+        except KeyboardInterrupt:
+            err.print(f"interrupted; the study is consistent. Continue with: mergesearch resume {config.run_dir}")
+            raise typer.Exit(130) from None
+    out.print(f"done: hypervolume {study_hypervolume(study):.4g}; see `mergesearch front {config.run_dir}`")
+
+
+@app.command()
+@user_errors
+def run(config: Path = typer.Argument(..., help="Config YAML")):
+    """Run (or continue) the search a config describes."""
+    from mergesearch.config import load_config
+
+    _search(load_config(config))
+
+
+@app.command()
+@user_errors
+def resume(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
+           study: str | None = StudyOpt,
+           n_trials: int | None = typer.Option(None, help="Raise the trial budget")):
+    """Continue a study to its budget after Ctrl-C, a crash or a reboot."""
+    from mergesearch.search import RunRef
+
+    config = RunRef.from_args(run_dir, storage, study).config()
+    if n_trials is not None:
+        config.budget.n_trials = n_trials
+    _search(config)
+
+
+@app.command()
+@user_errors
+def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
+           study: str | None = StudyOpt):
+    """Progress, failures and the best value per objective."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from mergesearch.search import RunRef, pareto_front, study_hypervolume
+    from mergesearch.search.front import objective_names
+    from mergesearch.search.study import counted
+
+    ref = RunRef.from_args(run_dir, storage, study)
+    st = ref.load()
+    config = ref.config(st)
+    trials = st.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    done = sum(counted(t) for t in trials)
+    budget = config.budget.n_trials
+    out.print(f"study [bold]{st.study_name}[/bold]: {done}{'/' + str(budget) if budget else ''} trials counted; "
+              + ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())))
+    names = objective_names(st)
+    front = pareto_front(st)
+    if front:
+        table = Table("objective", "direction", "best", "trial")
+        for i, (name, d) in enumerate(zip(names, st.directions)):
+            pick = (max if d.name == "MAXIMIZE" else min)(front, key=lambda t: t.values[i])
+            table.add_row(name, d.name.lower(), f"{pick.values[i]:.4g}", str(pick.number))
+        out.print(table)
+        out.print(f"front: {len(front)} trials; hypervolume {study_hypervolume(st):.4g}")
+    failures = Counter(t.user_attrs.get("error", "?").split(":")[0] for t in trials
+                       if t.state.name == "FAIL" and counted(t))
+    for reason, n in failures.most_common(5):
+        out.print(f"failed x{n}: {reason}")
+
+
+@app.command()
+@user_errors
+def front(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
+          study: str | None = StudyOpt,
+          csv: Path | None = typer.Option(None, "--csv", help="Write the front as CSV ('-': stdout)"),
+          plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the front")):
+    """The Pareto-optimal trials."""
+    from rich.table import Table
+
+    from mergesearch.search import RunRef, front_rows, plot_front
+    from mergesearch.search.front import front_csv
+
+    st = RunRef.from_args(run_dir, storage, study).load()
+    rows = front_rows(st)
+    if csv is not None:
+        text = front_csv(st)
+        if str(csv) == "-":
+            sys.stdout.write(text)
+        else:
+            csv.write_text(text)
+            out.print(f"wrote {csv}")
+    if plot is not None:
+        out.print(f"wrote {plot_front(st, plot)}")
+    if csv is None or str(csv) != "-":
+        if not rows:
+            out.print("no completed trials yet")
+            return
+        table = Table(*rows[0].keys())
+        for r in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+        out.print(table)
+
+
+@app.command()
+@user_errors
+def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
+           study: str | None = StudyOpt,
+           trial: int | None = typer.Option(None, help="Trial number"),
+           best: str | None = typer.Option(None, help="Best front point on this objective"),
+           weights: str | None = typer.Option(None, help="Front point maximising e.g. add=0.7,sort=0.3"),
+           out_dir: Path = typer.Option(..., "--out", help="Folder to write to"),
+           save_model: bool = typer.Option(False, "--save-model", help="Also write the merged model")):
+    """Write a trial's recipe.json and mergekit.yaml (and with --save-model, the model)."""
+    from mergesearch.errors import StudyError
+    from mergesearch.search import RunRef, choose, export_trial
+    from mergesearch.search.front import parse_weights
+
+    if sum(x is not None for x in (trial, best, weights)) > 1:
+        raise StudyError("choose one of --trial, --best, --weights")
+    ref = RunRef.from_args(run_dir, storage, study)
+    st = ref.load()
+    t = choose(st, trial=trial, best=best, weights=parse_weights(weights) if weights else None)
+    path = export_trial(ref.config(st), t, out_dir, save_model=save_model)
+    scores = ", ".join(f"{k}={v:.4g}" for k, v in (t.user_attrs.get("scores") or {}).items())
+    out.print(f"trial {t.number} ({scores}) exported to {path}")
+
+
+@app.command()
+@user_errors
+def demo(run_dir: Path | None = typer.Option(None, help="Run folder (default: runs/demo)"),
+         n_trials: int | None = typer.Option(None, help="Trials (default: the demo config's)")):
+    """Build the tiny offline experts and run the demo search on them."""
+    from mergesearch.config import load_config
+    from mergesearch.search import RunRef, plot_front
+
+    config = load_config(DEMO_CONFIG)
+    if run_dir is not None:
+        config.study.run_dir = str(run_dir.resolve())
+    else:
+        config.study.run_dir = str(Path("runs/demo").resolve())
+    if n_trials is not None:
+        config.budget.n_trials = n_trials
+    _search(config)
+    st = RunRef.from_args(str(config.run_dir)).load()
+    out.print(f"front plot: {plot_front(st, config.run_dir / 'front.png')}")
+    front(str(config.run_dir), None, None, None, None)
+
+
+@app.command()
+def schema():
+    """Print the config's JSON schema."""
+    from mergesearch.config import Config
+
+    out.print_json(json.dumps(Config.model_json_schema()))
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def main() -> None:  # pragma: no cover

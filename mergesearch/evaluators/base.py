@@ -1,0 +1,70 @@
+"""The Evaluator contract.
+
+An evaluator scores one objective. It is set up once per worker with the live model (the
+one `TaskVectors.merge_into` writes into) and its tokenizer, then scores the model's
+*current* weights as many times as asked. `score` never raises: an exception, NaN or inf
+becomes a failed `Score` with its reason, so one bad candidate never takes a worker down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mergesearch.config import Config, Objective
+    from mergesearch.merging.engine import TaskVectors
+    from mergesearch.recipe import Recipe
+
+
+@dataclass
+class Score:
+    """The outcome of scoring one objective: ``value`` (None on failure), extra named
+    metrics (per task, standard errors, ...), the reason of a failure, and the time taken."""
+
+    objective: str
+    value: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Evaluator(ABC):
+    """Base class: subclasses implement `setup` and `measure`."""
+
+    def __init__(self, objective: Objective, config: Config):
+        self.objective = objective
+        self.config = config
+
+    @abstractmethod
+    def setup(self, model: Any, tokenizer: Any, engine: TaskVectors | None = None) -> None:
+        """Once per worker: build task dicts, tokenise data, wrap the live model.
+        Raise `EvaluatorError` for a wrong task, metric or dataset name."""
+
+    @abstractmethod
+    def measure(self, recipe: Recipe | None) -> tuple[float, dict[str, float]]:
+        """Score the model's current weights (``recipe`` is what they were merged from, or
+        None for a plain model): the objective's value and any extra metrics."""
+
+    def score(self, recipe: Recipe | None = None) -> Score:
+        start = time.perf_counter()
+        try:
+            value, metrics = self.measure(recipe)
+            value = float(value)
+            if not math.isfinite(value):
+                return Score(self.objective.name, None, metrics, f"{self.objective.name}: score is {value}",
+                             time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - a candidate's failure is data, not a crash
+            last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
+            where = f" at {last[0].filename}:{last[0].lineno}" if last[0] else ""
+            return Score(self.objective.name, None, {}, f"{self.objective.name}: {e.__class__.__name__}: {e}{where}",
+                         time.perf_counter() - start)
+        return Score(self.objective.name, value, metrics, None, time.perf_counter() - start)

@@ -1,0 +1,179 @@
+"""The Pareto front of a study, the choice of one point on it, hypervolume, and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mergesearch.errors import StudyError
+
+REFERENCES_ATTR = "mergesearch.references"
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    return study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+
+
+def maximize_mask(study: optuna.Study) -> np.ndarray:
+    return np.array([d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions])
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The non-dominated COMPLETE trials (for one objective: the best trial)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def hypervolume(values: np.ndarray, reference: np.ndarray, maximize: np.ndarray) -> float:
+    """Hypervolume dominated by ``values`` (rows: points) beyond ``reference``."""
+    if len(values) == 0:
+        return 0.0
+    from optuna._hypervolume import compute_hypervolume  # Optuna's WFG implementation
+
+    sign = np.where(maximize, -1.0, 1.0)
+    loss, ref = values * sign, reference * sign
+    loss = loss[(loss < ref).all(axis=1)]
+    if len(loss) == 0:
+        return 0.0
+    return float(compute_hypervolume(loss, ref, assume_pareto=False))
+
+
+def reference_point(study: optuna.Study) -> np.ndarray:
+    """Per objective, the worst score among the base and the source models (when the
+    study has them), else the worst score of any trial: hypervolume then measures the
+    gain over the models one started from."""
+    refs = study.user_attrs.get(REFERENCES_ATTR) or {}
+    names = objective_names(study)
+    maximize = maximize_mask(study)
+    rows = [[r[n] for n in names] for r in refs.values() if all(n in r for n in names)]
+    if not rows:
+        rows = [t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not rows:
+        return np.zeros(len(names))
+    arr = np.array(rows, dtype=float)
+    return np.where(maximize, arr.min(axis=0), arr.max(axis=0))
+
+
+def study_hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
+    trials = trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = np.array([t.values for t in trials], dtype=float).reshape(-1, len(study.directions))
+    return hypervolume(values, reference_point(study), maximize_mask(study))
+
+
+def choose(study: optuna.Study, *, trial: int | None = None, best: str | None = None,
+           weights: dict[str, float] | None = None) -> FrozenTrial:
+    """One trial: by number, best on one objective, or the front point maximising the
+    weighted sum of min-max normalised objectives (directions taken into account)."""
+    names = objective_names(study)
+    if trial is not None:
+        try:
+            t = study.trials[trial]
+        except IndexError:
+            raise StudyError(f"--trial: no trial {trial} (the study has {len(study.trials)})") from None
+        if t.state != TrialState.COMPLETE:
+            raise StudyError(f"--trial: trial {trial} is {t.state.name}, not COMPLETE")
+        return t
+    front = pareto_front(study)
+    if not front:
+        raise StudyError("the study has no completed trial yet")
+    values = np.array([t.values for t in front], dtype=float)
+    sign = np.where(maximize_mask(study), 1.0, -1.0)
+    if best is not None:
+        if best not in names:
+            raise StudyError(f"--best: unknown objective {best!r}; objectives: {', '.join(names)}")
+        i = names.index(best)
+        return front[int(np.argmax(values[:, i] * sign[i]))]
+    weights = weights or {n: 1.0 for n in names}
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise StudyError(f"--weights: unknown objective {unknown[0]!r}; objectives: {', '.join(names)}")
+    lo, hi = values.min(axis=0), values.max(axis=0)
+    norm = (values - lo) / np.where(hi > lo, hi - lo, 1.0)
+    norm = np.where(sign > 0, norm, 1 - norm)
+    w = np.array([weights.get(n, 0.0) for n in names])
+    return front[int(np.argmax(norm @ w))]
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise StudyError(f"--weights: expected name=number, got {part!r}") from None
+    return out
+
+
+def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    names = objective_names(study)
+    rows = []
+    for t in pareto_front(study):
+        recipe = t.user_attrs.get("recipe", {})
+        rows.append({"trial": t.number, **dict(zip(names, t.values)),
+                     "method": recipe.get("method", "?"), "recipe_hash": t.user_attrs.get("recipe_hash")})
+    return rows
+
+
+def front_csv(study: optuna.Study) -> str:
+    rows = front_rows(study)
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def plot_front(study: optuna.Study, path: str | Path) -> Path:
+    """A PNG of every trial, the front, and the base and source models marked.
+
+    Two objectives: one scatter; more: a grid of pairwise scatters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = objective_names(study)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise StudyError("the study has no completed trial to plot")
+    values = np.array([t.values for t in done], dtype=float)
+    front_ids = {t.number for t in pareto_front(study)}
+    on_front = np.array([t.number in front_ids for t in done])
+    refs = study.user_attrs.get(REFERENCES_ATTR) or {}
+    pairs = [(0, 1)] if len(names) == 2 else [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    if len(names) == 1:
+        pairs = [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        if i == j:
+            ax.plot([t.number for t in done], values[:, i], ".", color="0.6", label="trials")
+            ax.set_xlabel("trial")
+            ax.set_ylabel(names[i])
+        else:
+            ax.scatter(values[~on_front, i], values[~on_front, j], s=12, color="0.7", label="trials")
+            f = values[on_front]
+            order = np.argsort(f[:, i])
+            ax.plot(f[order, i], f[order, j], "o-", color="tab:blue", label="Pareto front")
+            for k, (ref_name, ref) in enumerate(refs.items()):
+                if names[i] in ref and names[j] in ref:
+                    ax.scatter([ref[names[i]]], [ref[names[j]]], marker="*", s=160,
+                               color=f"C{k + 1}", label=ref_name, zorder=5)
+            ax.set_xlabel(names[i])
+            ax.set_ylabel(names[j])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{study.study_name}: {len(done)} trials, {len(front_ids)} on the front")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,291 @@
+"""The driver: asynchronous ask/tell over a pool of Ray workers.
+
+Every worker is kept busy: as soon as one returns, its result is told to the study and a
+new trial is asked for it, so a slow candidate never idles the rest. Each trial carries
+its recipe, scores, timings, worker and error. A dead worker is replaced and its trial
+retried a bounded number of times; an identical recipe is never evaluated twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mergesearch.config import Config
+from mergesearch.errors import StudyError
+from mergesearch.recipe import Recipe
+from mergesearch.search.front import REFERENCES_ATTR
+from mergesearch.search.samplers import build_sampler
+from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
+from mergesearch.search.worker import ray_worker_class, resolve_models
+
+ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "MERGESEARCH_CACHE",
+                   "TOKENIZERS_PARALLELISM", "HF_ALLOW_CODE_EVAL")
+
+
+@dataclass
+class Progress:
+    """What the progress display shows; updated by the runner after each event."""
+
+    total: int | None
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    front_size: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def eta_s(self) -> float | None:
+        if not self.total or not self.done:
+            return None
+        return (time.time() - self.started) / self.done * max(0, self.total - self.done)
+
+
+@dataclass
+class _InFlight:
+    trial: optuna.trial.Trial
+    recipe: Recipe
+    worker: int
+    attempts: int = 1
+    submitted: float = 0.0
+
+
+def start_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,
+                              "configure_logging": False}
+    if config.workers.address:
+        ray.init(address=config.workers.address, **kwargs)
+    else:
+        need = config.workers.count * config.workers.cpus_per_worker
+        ray.init(num_cpus=max(math.ceil(need), os.cpu_count() or 1), include_dashboard=False,
+                 dashboard_host=config.workers.dashboard_host,
+                 object_store_memory=config.workers.object_store_memory or 256 * 2**20, **kwargs)
+
+
+class Runner:
+    def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None,
+                 setup_timeout_s: float = 600.0):
+        self.config = config
+        self.on_progress = on_progress or (lambda p: None)
+        self.setup_timeout_s = setup_timeout_s
+        self.objectives = [o.name for o in config.objectives]
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def _spawn(self, index: int):
+        w = self.config.workers
+        env = {} if w.gpus_per_worker else {"CUDA_VISIBLE_DEVICES": ""}
+        actor = ray_worker_class().options(
+            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
+            runtime_env={"env_vars": env}, name=None,
+        ).remote(self.config.snapshot(), self.base, self.sources,
+                 threads=max(1, int(w.cpus_per_worker)))
+        return actor
+
+    def _start_workers(self) -> None:
+        import ray
+
+        w = self.config.workers
+        available = ray.cluster_resources()
+        if w.count * w.gpus_per_worker > available.get("GPU", 0) + 1e-9:
+            raise StudyError(
+                f"workers: {w.count} workers x {w.gpus_per_worker} GPUs requested, the Ray cluster "
+                f"has {available.get('GPU', 0):g} GPUs")
+        self.workers = [self._spawn(i) for i in range(w.count)]
+        try:
+            self.worker_info = ray.get([a.info.remote() for a in self.workers],
+                                       timeout=self.setup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StudyError(
+                f"workers: not started within {self.setup_timeout_s:g} s; the Ray cluster offers "
+                f"{ {k: v for k, v in available.items() if k in ('CPU', 'GPU')} }") from None
+        except ray.exceptions.RayActorError as e:
+            raise StudyError(f"workers: set-up failed: {_actor_cause(e)}") from None
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def run(self) -> optuna.Study:
+        import ray
+
+        from mergesearch.merging import Checkpoint
+        from mergesearch.spaces import SearchSpace
+
+        self.base, self.sources = resolve_models(self.config)
+        num_layers = Checkpoint.open(self.base).num_layers
+        study = create_or_load(self.config)
+        self.study = study
+        study.sampler = build_sampler(self.config)
+        space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed)
+        recover_orphans(study)
+        driver = Driver(study)
+
+        start_ray(self.config)
+        self._start_workers()
+        if REFERENCES_ATTR not in study.user_attrs:
+            study.set_user_attr(REFERENCES_ATTR, self._score_references())
+
+        budget, deadline = self.config.budget.n_trials, None
+        if self.config.budget.timeout:
+            deadline = time.time() + self.config.budget.timeout
+        trials = study.get_trials(deepcopy=False)
+        seen: dict[str, dict[str, float]] = {
+            t.user_attrs["recipe_hash"]: dict(zip(self.objectives, t.values))
+            for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
+        done = sum(counted(t) for t in trials)
+        progress = Progress(total=budget, done=done, failed=sum(
+            t.state == TrialState.FAIL and counted(t) for t in trials))
+        progress.started = time.time()
+        progress_base = done
+        in_flight: dict[Any, _InFlight] = {}
+        waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
+        idle = list(range(len(self.workers)))
+
+        def budget_left() -> bool:
+            if deadline is not None and time.time() >= deadline:
+                return False
+            return budget is None or done + len(in_flight) + sum(map(len, waiting_on.values())) < budget
+
+        def finish(trial, values: dict[str, float] | None, attrs: dict[str, Any]) -> None:
+            nonlocal done
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if values is None:
+                study.tell(trial, state=TrialState.FAIL)
+                progress.failed += 1
+            else:
+                study.tell(trial, [values[o] for o in self.objectives])
+            done += 1
+            progress.done = done
+
+        try:
+            while True:
+                driver.beat()
+                while idle and budget_left():
+                    trial = study.ask()
+                    trial.set_user_attr("driver", driver.id)
+                    recipe = space.sample(trial)
+                    h = recipe.hash()
+                    trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
+                    trial.set_user_attr("recipe_hash", h)
+                    if h in seen:
+                        finish(trial, seen[h], {"duplicate_of_hash": h})
+                        continue
+                    if any(f.recipe.hash() == h for f in in_flight.values()):
+                        waiting_on.setdefault(h, []).append(trial)
+                        continue
+                    wi = idle.pop()
+                    self._submit(in_flight, _InFlight(trial, recipe, wi))
+                progress.in_flight = len(in_flight)
+                self.on_progress(progress)
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    job = in_flight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as e:
+                        # The worker died (killed, OOM-killed, node lost): replace it and
+                        # retry this trial on the new one, a bounded number of times.
+                        self.workers[job.worker] = self._spawn(job.worker)
+                        if job.attempts <= self.config.workers.max_retries:
+                            job.attempts += 1
+                            self._submit(in_flight, job)
+                            continue
+                        result = {"error": f"worker died {job.attempts} times: {_actor_cause(e)}",
+                                  "values": {}, "metrics": {}, "timings": {}, "worker": None}
+                    idle.append(job.worker)
+                    self._record(job, result, finish, seen, waiting_on)
+                    self._update_front(study, progress)
+        except KeyboardInterrupt:
+            # Leave the study consistent: trials in flight are failed and re-queued, so a
+            # resume evaluates them again and counts them once.
+            for job in in_flight.values():
+                study._storage.set_trial_user_attr(job.trial._trial_id, "requeued", True)
+                study.tell(job.trial, state=TrialState.FAIL)
+                study.enqueue_trial(job.trial.params, user_attrs={"retry_of": job.trial.number})
+            for dups in waiting_on.values():
+                for t in dups:
+                    study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
+                    study.tell(t, state=TrialState.FAIL)
+            raise
+        finally:
+            driver.stop()
+            for a in self.workers:
+                ray.kill(a, no_restart=True)
+        progress.done = done
+        self.evaluated = done - progress_base
+        return study
+
+    def _score_references(self) -> dict[str, dict[str, float]]:
+        """Scores of the base and of each source alone: the plot's landmarks and the
+        hypervolume's reference point."""
+        import ray
+
+        jobs = {"base": None}
+        for alias, path in self.sources.items():
+            jobs[alias] = Recipe(method="passthrough", models=[{"model": path}]).model_dump_json()
+        refs = {name: self.workers[i % len(self.workers)].evaluate.remote(rj)
+                for i, (name, rj) in enumerate(jobs.items())}
+        results = {name: ray.get(ref) for name, ref in refs.items()}
+        return {name: r["values"] for name, r in results.items() if not r.get("error")}
+
+    def _submit(self, in_flight: dict, job: _InFlight) -> None:
+        job.submitted = time.time()
+        ref = self.workers[job.worker].evaluate.remote(job.recipe.model_dump_json())
+        in_flight[ref] = job
+
+    def _record(self, job: _InFlight, result: dict, finish, seen, waiting_on) -> None:
+        attrs = {
+            "worker": result.get("worker"),
+            "timings": {k: round(v, 4) for k, v in result.get("timings", {}).items()},
+            "metrics": result.get("metrics", {}),
+            "attempts": job.attempts,
+            "wall_s": round(time.time() - job.submitted, 4),
+        }
+        h = job.recipe.hash()
+        if result.get("error"):
+            attrs["error"] = result["error"]
+            finish(job.trial, None, attrs)
+            values = None
+        else:
+            values = result["values"]
+            attrs["scores"] = values
+            finish(job.trial, values, attrs)
+            seen[h] = values
+        for dup in waiting_on.pop(h, []):
+            extra = {"duplicate_of": job.trial.number}
+            if values is None:
+                extra["error"] = f"duplicate of failed trial {job.trial.number}"
+            finish(dup, values, extra)
+
+    def _update_front(self, study: optuna.Study, progress: Progress) -> None:
+        from mergesearch.search.front import pareto_front
+
+        front = pareto_front(study)
+        progress.front_size = len(front)
+        best = {}
+        for i, o in enumerate(self.config.objectives):
+            vals = [t.values[i] for t in front]
+            if vals:
+                best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
+        progress.best = best
+
+
+def _actor_cause(e: Exception) -> str:
+    cause = getattr(e, "cause", None) or e
+    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    # Ray prefixes the remote traceback; the last line carries the original error.
+    return lines[-1].strip() if lines else e.__class__.__name__

@@ -1,0 +1,197 @@
+"""The study: Optuna storage, the config snapshot, run folders and recovery.
+
+The study is the source of truth. The config snapshot is a study user attribute; each
+trial carries its recipe, scores, timings, worker and error. A run folder holds
+``run.json`` (storage URL and study name) so that `resume RUN` finds everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from mergesearch.config import Config, mask_password, parse_config
+from mergesearch.errors import StudyError
+
+CONFIG_ATTR = "mergesearch.config"
+DRIVER_PREFIX = "mergesearch.driver."
+# A driver that has not written its heartbeat for this long is taken for dead.
+STALE_AFTER_S = 60.0
+HEARTBEAT_S = 10.0
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for any SQLAlchemy URL, or ``journal:PATH`` for a journal file.
+
+    Connection problems are refused as a `StudyError` naming the (masked) URL."""
+    try:
+        if url.startswith("journal:"):
+            path = Path(url.removeprefix("journal:"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # Wait for a writer holding the lock instead of failing at once.
+            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise StudyError(f"study.storage: cannot open {mask_password(url)} ({msg})") from None
+
+
+def directions(config: Config) -> list[str]:
+    return [o.direction for o in config.objectives]
+
+
+def create_or_load(config: Config) -> optuna.Study:
+    """Create the study (storing the config snapshot), or load it if it exists and its
+    objectives match; refuse a study whose objectives differ."""
+    storage = open_storage(config.storage_url)
+    names = [o.name for o in config.objectives]
+    try:
+        study = optuna.load_study(study_name=config.study.name, storage=storage)
+    except KeyError:
+        study = optuna.create_study(study_name=config.study.name, storage=storage,
+                                    directions=directions(config))
+        study.set_metric_names(names)
+        study.set_user_attr(CONFIG_ATTR, config.snapshot())
+    else:
+        if study.metric_names not in (None, names):
+            raise StudyError(
+                f"study.name: study {config.study.name!r} already exists with objectives "
+                f"{study.metric_names}, not {names}; choose another study name"
+            )
+    write_run_file(config)
+    return study
+
+
+def write_run_file(config: Config) -> None:
+    run = config.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "run.json").write_text(json.dumps(
+        {"storage": config.storage_url, "study": config.study.name}, indent=2) + "\n")
+
+
+@dataclass
+class RunRef:
+    """Where a run lives: a run folder, or an explicit storage URL and study name."""
+
+    storage: str
+    study: str
+
+    @classmethod
+    def from_args(cls, run: str | None, storage: str | None = None, study: str | None = None) -> RunRef:
+        if storage:
+            if not study:
+                raise StudyError("--study: needed with --storage")
+            return cls(storage, study)
+        if not run:
+            raise StudyError("RUN: give a run folder, or --storage URL --study NAME")
+        f = Path(run) / "run.json"
+        try:
+            data = json.loads(f.read_text())
+        except FileNotFoundError:
+            raise StudyError(f"{f}: not found; is {run} a run folder?") from None
+        except json.JSONDecodeError as e:
+            raise StudyError(f"{f}: corrupt ({e})") from None
+        return cls(data["storage"], data["study"])
+
+    def load(self) -> optuna.Study:
+        storage = open_storage(self.storage)
+        try:
+            return optuna.load_study(study_name=self.study, storage=storage)
+        except KeyError:
+            raise StudyError(f"--study: no study named {self.study!r} in {mask_password(self.storage)}") from None
+
+    def config(self, study: optuna.Study | None = None) -> Config:
+        study = study or self.load()
+        data = dict(study.user_attrs.get(CONFIG_ATTR) or {})
+        if not data:
+            raise StudyError(f"study {self.study!r} has no mergesearch config snapshot")
+        root = Path(data.pop("root", "."))
+        if data["study"].get("storage"):
+            data["study"]["storage"] = self.storage  # the snapshot holds it masked
+        return parse_config(data, source=f"study {self.study!r} config snapshot", root=root)
+
+
+# ---- drivers and recovery ------------------------------------------------------------------
+
+
+class Driver:
+    """This process as a driver of the study: an id, and a heartbeat in the storage."""
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._last = 0.0
+        self.beat(force=True)
+
+    def beat(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._last >= HEARTBEAT_S:
+            self.study.set_user_attr(DRIVER_PREFIX + self.id, now)
+            self._last = now
+
+    def stop(self) -> None:
+        self.study.set_user_attr(DRIVER_PREFIX + self.id, 0.0)
+
+
+def driver_alive(study_attrs: dict[str, Any], driver_id: str | None, now: float | None = None) -> bool:
+    if not driver_id:
+        return False
+    beat = study_attrs.get(DRIVER_PREFIX + driver_id)
+    if not beat:
+        return False
+    host, pid = driver_id.split(":")[:2]
+    if host == socket.gethostname() and not _pid_alive(int(pid)):
+        return False
+    return (now or time.time()) - beat < STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_orphans(study: optuna.Study, reason: str = "its driver died") -> list[int]:
+    """Fail the trials left RUNNING by dead drivers and enqueue their parameters again,
+    so they are evaluated anew and counted once. Returns the failed trial numbers."""
+    attrs = study.user_attrs
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if not driver_alive(attrs, t.user_attrs.get("driver"))]
+    for t in orphans:
+        study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
+        study._storage.set_trial_user_attr(t._trial_id, "error", f"interrupted: {reason}")
+        try:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except RuntimeError:  # another driver finished it in the meantime
+            continue
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    return [t.number for t in orphans]
+
+
+def counted(trial: FrozenTrial) -> bool:
+    """Trials that use the budget: finished ones, except those re-queued after an
+    interruption (their re-run is counted instead)."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get("requeued")

@@ -1,0 +1,105 @@
+"""The worker: resident weights, a live model and set-up evaluators; recipes in, scores out.
+
+`CandidateWorker` is a plain class, so the same code scores candidates in-process
+(`mergesearch eval`, export checks, tests) and inside a Ray actor (`RayWorker`). Any
+failure of one candidate (an exception, NaN, out of memory) is returned as data with its
+reason; the worker stays usable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesearch.config import Config, parse_config
+from mergesearch.recipe import Recipe
+
+
+def resolve_models(config: Config) -> tuple[str, dict[str, str]]:
+    """The base and source models as paths (or hub ids): `demo:` references are built on
+    first use, relative folders are taken from the config file's folder."""
+    from mergesearch.demo import resolve_model
+
+    def one(ref: str) -> str:
+        if ref.startswith("demo:"):
+            return str(resolve_model(ref))
+        p = config.path(ref)
+        return str(p) if p.exists() else ref
+
+    return one(config.models.base), {alias: one(ref) for alias, ref in config.models.sources.items()}
+
+
+class CandidateWorker:
+    """Holds the base, the task vectors, the live model and the evaluators."""
+
+    def __init__(self, snapshot: dict[str, Any], base: str, sources: dict[str, str],
+                 heldout: bool = False, device: str | None = None, threads: int | None = None):
+        from transformers import AutoTokenizer
+
+        from mergesearch.evaluators import build_evaluators
+        from mergesearch.merging import TaskVectors, load_live_model
+
+        started = time.perf_counter()
+        data = dict(snapshot)
+        root = Path(data.pop("root", "."))
+        self.config = parse_config(data, source="config snapshot", root=root)
+        if threads:
+            torch.set_num_threads(threads)
+        if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+            device = "cuda"
+        self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu")
+        self.model = load_live_model(self.engine.base.path, self.engine.device, self.config.models.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path)
+        objectives = self.config.heldout if heldout else self.config.objectives
+        self.evaluators = build_evaluators(self.config, objectives)
+        for ev in self.evaluators:
+            ev.setup(self.model, self.tokenizer, self.engine)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.setup_seconds = time.perf_counter() - started
+
+    def info(self) -> dict[str, Any]:
+        return {"worker": self.name, "device": str(self.engine.device),
+                "setup_s": round(self.setup_seconds, 3),
+                "resident_mb": round(self.engine.resident_bytes() / 2**20, 1)}
+
+    def evaluate(self, recipe_json: str | None) -> dict[str, Any]:
+        """Merge ``recipe_json`` into the live model (None: score the base as is) and
+        score every objective. Never raises for a candidate's failure."""
+        result: dict[str, Any] = {"worker": self.name, "values": {}, "metrics": {},
+                                  "error": None, "timings": {}}
+        recipe = Recipe.model_validate_json(recipe_json) if recipe_json else None
+        start = time.perf_counter()
+        try:
+            if recipe is None:
+                self.engine.restore_base(self.model)
+            else:
+                self.engine.merge_into(self.model, recipe)
+            if self.engine.device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            result["error"] = f"merge: {e.__class__.__name__}: {e}"
+            return result
+        result["timings"]["merge_s"] = time.perf_counter() - start
+        for ev in self.evaluators:
+            score = ev.score(recipe)
+            result["timings"][f"{score.objective}_s"] = score.seconds
+            result["metrics"].update({f"{score.objective}/{k}": v for k, v in score.metrics.items()})
+            if not score.ok:
+                result["error"] = score.error
+                return result
+            result["values"][score.objective] = score.value
+        return result
+
+
+def ray_worker_class():
+    """`CandidateWorker` as a Ray actor class (imported lazily: Ray is heavy)."""
+    import ray
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(CandidateWorker)
