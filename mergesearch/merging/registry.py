@@ -73,28 +73,34 @@ class MergeInputs:
     def uniform(self, stream: int, shape: torch.Size | None = None) -> torch.Tensor:
         """Uniform [0, 1) numbers, identical on every device and in any tensor order.
 
-        Counter-based: element i of stream s of tensor `name` under `seed` is a PCG hash
-        of i keyed by (seed, name, s), computed in int64 without overflow, so CPU and GPU
-        give the same bits and no generator state is shared between tensors.
+        Counter-based: element i of stream s of tensor `name` under `seed` is
+        hash(hash(i) ^ key(seed, name, s)), so CPU and GPU give the same bits and no
+        generator state is shared between tensors.
         """
         shape = self.models.shape[1:] if shape is None else shape
         digest = hashlib.blake2b(f"{self.seed}\0{self.name}\0{stream}".encode(), digest_size=4)
-        key = int.from_bytes(digest.digest(), "little")
-        n = math.prod(shape)
-        x = torch.arange(n, dtype=torch.int64, device=self.models.device)
-        h = _pcg(_pcg(x) ^ key)
-        return ((h >> 8).to(torch.float32) * (2.0**-24)).reshape(shape)
+        x = torch.arange(math.prod(shape), dtype=torch.int64, device=self.models.device)
+        _lowbias32_(x)
+        x ^= int.from_bytes(digest.digest(), "little")
+        _lowbias32_(x)
+        x >>= 8  # 24 random bits: exact in float32
+        return x.to(torch.float32).mul_(2.0**-24).reshape(shape)
 
 
 _M32 = 0xFFFFFFFF
 
 
-def _pcg(x: torch.Tensor) -> torch.Tensor:
-    # PCG-RXS-M-XS (Jarzynski & Olano, "Hash Functions for GPU Rendering"), 32-bit lanes
-    # held in int64 so that every product stays below 2**63.
-    state = (x * 747796405 + 2891336453) & _M32
-    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _M32
-    return (word >> 22) ^ word
+def _lowbias32_(x: torch.Tensor) -> torch.Tensor:
+    # Wellons' "lowbias32" integer hash, in place, on 32-bit values held in int64 lanes:
+    # both multipliers are below 2**31, so no product overflows and shifts stay logical.
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x &= _M32
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x &= _M32
+    x ^= x >> 15
+    return x
 
 
 @dataclass(frozen=True)
