@@ -2,12 +2,14 @@
 
 A config is YAML validated by pydantic; unknown keys and wrong types are refused with the
 field's path. ``mergesearch schema`` prints the JSON schema. Relative paths are taken
-relative to the config file's folder.
+relative to the config file's folder (models, task folders, data files), except the run
+folder and storage files, which are relative to the working directory.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -129,7 +131,8 @@ class DatasetSpec(_Strict):
 
 class Objective(_Strict):
     name: str
-    evaluator: Literal["lm_eval", "perplexity", "cost"] = "lm_eval"
+    evaluator: str = Field("lm_eval", description="lm_eval, perplexity, cost, or 'package.module:Class' "
+                                                   "for your own Evaluator subclass")
     direction: Literal["maximize", "minimize"] | None = None
     # lm_eval
     tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names")
@@ -149,6 +152,8 @@ class Objective(_Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> Objective:
+        if self.evaluator not in ("lm_eval", "perplexity", "cost") and ":" not in self.evaluator:
+            raise ValueError(f"evaluator: {self.evaluator!r} is not lm_eval, perplexity, cost or 'module:Class'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"name: {self.name!r} may only use letters, digits, '_', '.', '-'")
         if self.evaluator == "lm_eval":
@@ -248,16 +253,17 @@ class Config(_Strict):
 
     @property
     def run_dir(self) -> Path:
-        return self.path(self.study.run_dir or f"runs/{self.study.name}")
+        """The run folder; relative to the working directory, like the command's outputs."""
+        return Path(self.study.run_dir or f"runs/{self.study.name}").expanduser().resolve()
 
     @property
     def storage_url(self) -> str:
         if self.study.storage:
-            url = self.study.storage
+            url = os.path.expandvars(self.study.storage)  # keep passwords out of the file
             if url.startswith("journal:"):
-                return "journal:" + str(self.path(url.removeprefix("journal:").removeprefix("//")))
+                return "journal:" + str(Path(url.removeprefix("journal:").removeprefix("//")).resolve())
             if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-                return "sqlite:///" + str(self.path(url.removeprefix("sqlite:///")))
+                return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
             return url
         return f"sqlite:///{self.run_dir / 'study.db'}"
 
@@ -275,8 +281,9 @@ class Config(_Strict):
     def snapshot(self) -> dict[str, Any]:
         """The config as stored on the study: JSON-safe, passwords masked."""
         data = self.model_dump(mode="json")
+        data["study"]["run_dir"] = str(self.run_dir)
         if data["study"]["storage"]:
-            data["study"]["storage"] = mask_password(data["study"]["storage"])
+            data["study"]["storage"] = mask_password(self.storage_url)
         data["root"] = str(self.root)
         return data
 

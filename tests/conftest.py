@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray workers (and CLI subprocesses) import test-only evaluators from this folder.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
 
 from pathlib import Path  # noqa: E402
 
@@ -50,3 +53,22 @@ def build_family(root: Path, arch: str, n_sources: int = 3, scale: float = 0.02,
 def families(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("families")
     return {arch: build_family(root, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def demo_experts() -> dict:
+    """The demo's base and experts, built once (cached on disk across sessions)."""
+    from mergesearch.demo import build_experts
+
+    return build_experts()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (it takes seconds to start)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -239,8 +239,17 @@ class Runner:
             jobs[alias] = Recipe(method="passthrough", models=[{"model": path}]).model_dump_json()
         refs = {name: self.workers[i % len(self.workers)].evaluate.remote(rj)
                 for i, (name, rj) in enumerate(jobs.items())}
-        results = {name: ray.get(ref) for name, ref in refs.items()}
-        return {name: r["values"] for name, r in results.items() if not r.get("error")}
+        scores = {}
+        for name, ref in refs.items():
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError:  # replaced; the landmark is skipped
+                i = next(i for i, n in enumerate(refs) if n == name) % len(self.workers)
+                self.workers[i] = self._spawn(i)
+                continue
+            if not result.get("error"):
+                scores[name] = result["values"]
+        return scores
 
     def _submit(self, in_flight: dict, job: _InFlight) -> None:
         job.submitted = time.time()
@@ -250,6 +259,7 @@ class Runner:
     def _record(self, job: _InFlight, result: dict, finish, seen, waiting_on) -> None:
         attrs = {
             "worker": result.get("worker"),
+            "node": result.get("node"),
             "timings": {k: round(v, 4) for k, v in result.get("timings", {}).items()},
             "metrics": result.get("metrics", {}),
             "attempts": job.attempts,

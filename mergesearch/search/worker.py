@@ -60,6 +60,7 @@ class CandidateWorker:
         for ev in self.evaluators:
             ev.setup(self.model, self.tokenizer, self.engine)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = _ray_node_id()
         self.setup_seconds = time.perf_counter() - started
 
     def info(self) -> dict[str, Any]:
@@ -70,7 +71,7 @@ class CandidateWorker:
     def evaluate(self, recipe_json: str | None) -> dict[str, Any]:
         """Merge ``recipe_json`` into the live model (None: score the base as is) and
         score every objective. Never raises for a candidate's failure."""
-        result: dict[str, Any] = {"worker": self.name, "values": {}, "metrics": {},
+        result: dict[str, Any] = {"worker": self.name, "node": self.node, "values": {}, "metrics": {},
                                   "error": None, "timings": {}}
         recipe = Recipe.model_validate_json(recipe_json) if recipe_json else None
         start = time.perf_counter()
@@ -96,6 +97,15 @@ class CandidateWorker:
                 return result
             result["values"][score.objective] = score.value
         return result
+
+
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:  # pragma: no cover
+        return None
 
 
 def ray_worker_class():

@@ -1,0 +1,40 @@
+"""User-defined evaluators (loaded by 'module:Class') that fail on purpose, for the
+failure-isolation tests. They score a real number read from the live weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mergesearch.evaluators.base import Evaluator
+
+
+class _WeightMean(Evaluator):
+    def setup(self, model, tokenizer, engine=None) -> None:
+        self.param = next(model.parameters())
+
+    def value(self) -> float:
+        return float(self.param.detach().float().mean())
+
+
+class FlakyEvaluator(_WeightMean):
+    """Raises for `ties` candidates, scores NaN for `dare_ties` ones."""
+
+    def measure(self, recipe):
+        method = recipe.method if recipe else None
+        if method == "ties":
+            raise RuntimeError("ties is not allowed here")
+        if method == "dare_ties":
+            return float("nan"), {}
+        return self.value(), {}
+
+
+class CrashOnceEvaluator(_WeightMean):
+    """Kills its worker process during the first candidate it sees."""
+
+    def measure(self, recipe):
+        marker = Path(os.environ["MERGESEARCH_TEST_MARKER"])
+        if recipe is not None and recipe.method != "passthrough" and not marker.exists():
+            marker.write_text("died")
+            os._exit(1)
+        return self.value(), {}
