@@ -76,7 +76,9 @@ class TaskVectors:
         method = self.check(recipe)
         base_name, inputs = method_inputs(method, recipe)
         base_row = self.row(base_name) if base_name else None
-        rows = torch.tensor([self.row(s.model) for s in inputs], device=self.device)
+        row_list = [self.row(s.model) for s in inputs]
+        contiguous = row_list == list(range(row_list[0], row_list[0] + len(row_list)))
+        rows = torch.tensor(row_list, device=self.device)
         with torch.no_grad():
             for name in self.names:
                 stack = self.stacks[name]
@@ -84,7 +86,9 @@ class TaskVectors:
                 x = MergeInputs(
                     name=name,
                     base=stack[base_row].float() if base_row is not None else None,
-                    models=stack.index_select(0, rows).float(),
+                    # a slice is a view: one float32 copy of the inputs, not two
+                    models=(stack[row_list[0]:row_list[0] + len(row_list)] if contiguous
+                            else stack.index_select(0, rows)).float(),
                     seed=recipe.seed,
                 )
                 yield name, method.fn(x, **resolve_params(method, recipe, inputs, name, t))
