@@ -328,6 +328,8 @@ def format_validation_error(e: ValidationError) -> str:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required"
+    if loc and re.match(r"^[\w\[\]-]+(\.[\w\[\]-]+)*: ", msg):
+        return f"{loc}.{msg}"  # a model validator naming a field below its own
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -1,0 +1,126 @@
+"""The config schema: what is accepted, what is refused and how the refusal reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergesearch.config import ConfigError, load_config, mask_password, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {
+    "models": {"base": "b", "sources": {"x": "x", "y": "y"}},
+    "objectives": [{"name": "acc", "tasks": ["demo_add"], "metric": "acc,none"}],
+}
+
+
+def with_(**changes) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = data
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+def refusal(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, source="cfg.yaml")
+    return str(e.value)
+
+
+def test_shipped_configs_load():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert [o.name for o in demo.objectives] == ["add", "reverse", "sort"]
+    assert demo.sampler.name == "nsga2"
+    assert demo.include_paths() == [str(ROOT / "configs" / "tasks")]
+    cluster = load_config(ROOT / "configs" / "mistral7b-cluster.yaml")
+    assert cluster.workers.gpus_per_worker == 1
+
+
+def test_defaults_pick_nsga2_for_several_objectives_and_tpe_for_one():
+    two = with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
+                            {"name": "b", "evaluator": "cost"}])
+    assert parse_config(two).sampler.name == "nsga2"
+    assert parse_config(MINIMAL).sampler.name == "tpe"
+
+
+def test_population_defaults_to_twice_the_workers_at_least_16():
+    assert parse_config(with_(workers={"count": 12})).population_size == 24
+    assert parse_config(MINIMAL).population_size == 16
+
+
+def test_directions_default_by_evaluator():
+    cfg = parse_config(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
+                                         {"name": "kept", "evaluator": "cost"}]))
+    assert [o.direction for o in cfg.objectives] == ["maximize", "minimize"]
+
+
+def test_unknown_key_is_refused_with_its_path():
+    assert refusal(with_(space__methodz=["ties"])) == "cfg.yaml: space.methodz: unknown key"
+
+
+def test_wrong_type_is_refused_with_its_path():
+    assert refusal(with_(budget={"n_trials": "many"})).startswith("cfg.yaml: budget.n_trials:")
+
+
+def test_unknown_method_is_refused_naming_known_ones():
+    msg = refusal(with_(space={"methods": ["tiez"]}))
+    assert "space.methods.tiez: unknown merge method" in msg and "ties" in msg
+
+
+def test_bound_outside_valid_range_is_refused():
+    msg = refusal(with_(space={"methods": ["ties"], "params": {"density": [0.2, 1.5]}}))
+    assert "space.params.density: 1.5 is outside its valid range [0.0, 1.0]" in msg
+
+
+def test_duplicate_objective_names_are_refused():
+    msg = refusal(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "m"},
+                                    {"name": "a", "tasks": ["u"], "metric": "m"}]))
+    assert "'a' is used twice" in msg
+
+
+def test_cmaes_with_several_objectives_is_refused():
+    msg = refusal(with_(sampler={"name": "cmaes"}, objectives=[
+        {"name": "a", "tasks": ["t"], "metric": "m"}, {"name": "b", "tasks": ["u"], "metric": "m"}]))
+    assert "cmaes handles a single objective" in msg
+
+
+def test_lm_eval_objective_needs_a_metric():
+    assert "metric: an lm_eval objective names the metric" in refusal(
+        with_(objectives=[{"name": "a", "tasks": ["t"]}]))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("models:\n  base: b\n  sources: [x, y\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line \d+"):
+        load_config(f)
+
+
+def test_storage_password_is_masked_in_the_snapshot(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "s3cret")
+    cfg = parse_config(with_(study={"name": "s", "storage": "postgresql://u:${PGPASSWORD}@h/db"}))
+    assert cfg.storage_url == "postgresql://u:s3cret@h/db"
+    assert cfg.snapshot()["study"]["storage"] == "postgresql://u:***@h/db"
+    assert mask_password("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_relative_task_folders_are_taken_from_the_config_folder(tmp_path):
+    f = tmp_path / "sub" / "c.yaml"
+    f.parent.mkdir()
+    f.write_text(yaml.safe_dump(with_(lm_eval={"include_path": "tasks"})))
+    assert load_config(f).include_paths() == [str(tmp_path / "sub" / "tasks")]
+
+
+def test_schema_command_prints_json_schema():
+    out = subprocess.run([sys.executable, "-m", "mergesearch.cli", "schema"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    assert '"objectives"' in out.stdout and '"models"' in out.stdout
