@@ -56,7 +56,8 @@ class MergeInputs:
     """What a method sees for one tensor: float32 tensors on the engine's device.
 
     ``models`` stacks the inputs along dim 0: the non-base sources, in recipe order (for
-    methods without a base role, every input). ``deltas`` are the task vectors. ``base``
+    methods without a base role, every input). ``deltas`` are the task vectors, computed
+    once into a fresh tensor that the method may modify in place. ``base``
     and ``models`` may be views of the resident weights: read them, never write to them.
     """
 

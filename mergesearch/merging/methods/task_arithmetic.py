@@ -48,26 +48,29 @@ def generalized_task_arithmetic(
     lambda_: float,
     sparsifier=None,
 ) -> torch.Tensor:
-    deltas = x.deltas
+    deltas = x.deltas  # a fresh tensor: updated in place to spare memory passes
     if sparsifier is not None:
-        deltas = torch.stack([sparsifier(i, d) for i, d in enumerate(deltas)])
+        for i in range(deltas.shape[0]):
+            deltas[i] = sparsifier(i, deltas[i])
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
-    deltas = deltas * w
+    deltas.mul_(w)
     if consensus:
-        mask = sign_consensus(deltas).to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mask = sign_consensus(deltas)
+        mixed = deltas.mul_(mask).sum(dim=0)
+        if normalize:  # the disjoint mean: divide by the weights that agree
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
     else:
         mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
+        if normalize:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed.div_(divisor)
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return x.base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(x.base)
 
 
 def _register(name, *, consensus, kind, default_normalize, default_rescale, reference):
