@@ -10,6 +10,7 @@ nothing touches the disk and no second copy of the model is made.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class TaskVectors:
         for name in self.names:
             self.stacks[name] = torch.stack([m.pop(name) for m in loaded])
         self.layers = {name: layer_index(name) for name in self.names}
+        self._work: dict[str, torch.Tensor] = {}
 
     # ---- recipes ----------------------------------------------------------------------
 
@@ -76,22 +78,37 @@ class TaskVectors:
         method = self.check(recipe)
         base_name, inputs = method_inputs(method, recipe)
         base_row = self.row(base_name) if base_name else None
-        row_list = [self.row(s.model) for s in inputs]
-        contiguous = row_list == list(range(row_list[0], row_list[0] + len(row_list)))
-        rows = torch.tensor(row_list, device=self.device)
+        rows = [self.row(s.model) for s in inputs]
         with torch.no_grad():
             for name in self.names:
                 stack = self.stacks[name]
+                shape = stack.shape[1:]
+                # Inputs are copied (and upcast) into float32 work buffers that live as long
+                # as the engine: large fresh allocations cost page faults on every use.
+                models = self._buffer("models", len(rows), shape)
+                for j, r in enumerate(rows):
+                    models[j].copy_(stack[r])
+                base = None
+                if base_row is not None:
+                    base = self._buffer("base", 1, shape)[0].copy_(stack[base_row])
+                x = MergeInputs(name=name, base=base, models=models, seed=recipe.seed,
+                                workspace=self._buffer("deltas", len(rows), shape))
                 t = layer_t(self.layers[name], self.num_layers)
-                x = MergeInputs(
-                    name=name,
-                    base=stack[base_row].float() if base_row is not None else None,
-                    # a slice is a view: one float32 copy of the inputs, not two
-                    models=(stack[row_list[0]:row_list[0] + len(row_list)] if contiguous
-                            else stack.index_select(0, rows)).float(),
-                    seed=recipe.seed,
-                )
-                yield name, method.fn(x, **resolve_params(method, recipe, inputs, name, t))
+                out = method.fn(x, **resolve_params(method, recipe, inputs, name, t))
+                if any(out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                       for b in self._work.values()):
+                    out = out.clone()  # a view of a work buffer would be overwritten next
+                yield name, out
+
+    def _buffer(self, key: str, rows: int, shape: torch.Size) -> torch.Tensor:
+        """A float32 view of shape (rows, *shape) into a reusable buffer."""
+        need = rows * math.prod(shape)
+        buf = self._work.get(key)
+        if buf is None or buf.numel() < need:
+            largest = max(math.prod(s.shape[1:]) for s in self.stacks.values())
+            buf = torch.empty(max(need, rows * largest), dtype=torch.float32, device=self.device)
+            self._work[key] = buf
+        return buf[:need].view(rows, *shape)
 
     def merge_into(self, model: torch.nn.Module, recipe: Recipe,
                    progress: Callable[[int, int], Any] | None = None) -> None:

@@ -57,20 +57,23 @@ class MergeInputs:
 
     ``models`` stacks the inputs along dim 0: the non-base sources, in recipe order (for
     methods without a base role, every input). ``deltas`` are the task vectors, computed
-    once into a fresh tensor that the method may modify in place. ``base``
-    and ``models`` may be views of the resident weights: read them, never write to them.
+    once into a tensor of their own that the method may modify in place. ``base`` and
+    ``models`` are the engine's buffers (or views of resident weights): read them only.
     """
 
     name: str
     base: torch.Tensor | None
     models: torch.Tensor
     seed: int = 0
+    workspace: torch.Tensor | None = field(default=None, repr=False)  # where deltas may go
 
     @cached_property
     def deltas(self) -> torch.Tensor:
         if self.base is None:
             raise ValueError(f"{self.name}: this method needs a base model")
-        return self.models - self.base
+        if self.workspace is None:
+            return self.models - self.base
+        return torch.sub(self.models, self.base, out=self.workspace)
 
     def uniform(self, stream: int, shape: torch.Size | None = None) -> torch.Tensor:
         """Uniform [0, 1) numbers, identical on every device and in any tensor order.

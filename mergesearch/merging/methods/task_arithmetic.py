@@ -33,10 +33,9 @@ def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
     ``sum`` elects the sign of the summed (weighted) deltas, ``count`` the sign held by
     more sources; zero counts as positive, as in mergekit.
     """
-    sign = deltas.sign()
-    votes = deltas.sum(dim=0) if method == "sum" else sign.sum(dim=0)
-    majority = (votes >= 0).to(sign.dtype) * 2 - 1
-    return sign == majority
+    votes = deltas.sum(dim=0) if method == "sum" else (deltas > 0).sum(0) - (deltas < 0).sum(0)
+    # sign(d) == majority, without materialising float signs; zeros agree with nothing
+    return torch.where(votes >= 0, deltas > 0, deltas < 0)
 
 
 def generalized_task_arithmetic(
@@ -59,7 +58,9 @@ def generalized_task_arithmetic(
         mask = sign_consensus(deltas)
         mixed = deltas.mul_(mask).sum(dim=0)
         if normalize:  # the disjoint mean: divide by the weights that agree
-            divisor = (w * mask).sum(dim=0)
+            divisor = torch.zeros_like(mixed)
+            for i, wi in enumerate(weight):
+                divisor.add_(mask[i], alpha=wi)
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
     else:
