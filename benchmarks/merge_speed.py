@@ -91,7 +91,8 @@ def recipe_for(method: str, paths: dict[str, str], n: int):
     if method in ("sce", "model_stock"):
         per = {}
     models = [{"model": s, "parameters": dict(per)} for s in srcs]
-    return Recipe(method=method, base_model=paths["base"], models=models, parameters=params)
+    base = None if method in ("linear", "passthrough") else paths["base"]
+    return Recipe(method=method, base_model=base, models=models, parameters=params)
 
 
 def timeit(fn, repeat: int) -> float:

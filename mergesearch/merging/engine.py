@@ -35,7 +35,8 @@ def default_device() -> torch.device:
 class TaskVectors:
     """Resident weights of a base model and its sources, ready to merge any recipe."""
 
-    def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None):
+    def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None,
+                 cache_random: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.base = Checkpoint.open(base)
         self.sources = [Checkpoint.open(s) for s in sources]
@@ -54,6 +55,10 @@ class TaskVectors:
             self.stacks[name] = torch.stack([m.pop(name) for m in loaded])
         self.layers = {name: layer_index(name) for name in self.names}
         self._work: dict[str, torch.Tensor] = {}
+        # DARE/DELLA's uniform numbers depend only on (seed, tensor, source): kept after
+        # first use where hashing is slow (CPU); recomputed where it is cheap (GPU).
+        self.random_cache: dict | None = {} if (
+            cache_random if cache_random is not None else self.device.type == "cpu") else None
 
     # ---- recipes ----------------------------------------------------------------------
 
@@ -79,6 +84,8 @@ class TaskVectors:
         base_name, inputs = method_inputs(method, recipe)
         base_row = self.row(base_name) if base_name else None
         rows = [self.row(s.model) for s in inputs]
+        if self.random_cache and next(iter(self.random_cache))[0] != recipe.seed:
+            self.random_cache.clear()  # keep the numbers of one seed only
         with torch.no_grad():
             for name in self.names:
                 stack = self.stacks[name]
@@ -92,7 +99,8 @@ class TaskVectors:
                 if base_row is not None:
                     base = self._buffer("base", 1, shape)[0].copy_(stack[base_row])
                 x = MergeInputs(name=name, base=base, models=models, seed=recipe.seed,
-                                workspace=self._buffer("deltas", len(rows), shape))
+                                workspace=self._buffer("deltas", len(rows), shape),
+                                random_cache=self.random_cache)
                 t = layer_t(self.layers[name], self.num_layers)
                 out = method.fn(x, **resolve_params(method, recipe, inputs, name, t))
                 if any(out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
