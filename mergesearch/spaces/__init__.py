@@ -1,0 +1,5 @@
+"""Search spaces: the config's `space` as Optuna distributions; a trial as a Recipe."""
+
+from mergesearch.spaces.space import SearchSpace
+
+__all__ = ["SearchSpace"]
