@@ -201,7 +201,7 @@ def mergekit_in_memory(recipe, model, args) -> float:
     config = MergeConfiguration.model_validate(recipe.to_mergekit())
     arch = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    cfg = AutoConfig.from_pretrained(recipe.base_model)
+    cfg = AutoConfig.from_pretrained(recipe.base_model or recipe.models[0].model)
     params = dict(model.named_parameters())
 
     def once():
