@@ -1,0 +1,118 @@
+"""lm-eval on the resident model: set up once per worker, scored many times.
+
+The live model is wrapped in lm-eval's `HFLM` (a reference, not a copy: in-place weight
+changes show in the next call). The task manager is built once per process and the task
+dict once per evaluator; each call then runs `lm_eval.evaluator.evaluate` after reseeding
+exactly as `simple_evaluate` (and so the `lm_eval` CLI) does, giving the CLI's numbers.
+lm-eval's request cache is never used: it is keyed by requests, not weights, and would
+return stale scores after a merge.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import random
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergesearch.errors import EvaluatorError
+from mergesearch.evaluators.base import Evaluator
+
+# lm-eval's CLI defaults (`--seed 0,1234,1234,1234`).
+RANDOM_SEED, NUMPY_SEED, TORCH_SEED = 0, 1234, 1234
+
+_WRAPPERS: dict[int, Any] = {}  # id(model) -> HFLM, shared by a worker's lm-eval evaluators
+
+
+@cache
+def task_manager(include_paths: tuple[str, ...], include_defaults: bool):
+    """One TaskManager per process and set of task folders (indexing is slow)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_paths) or None, include_defaults=include_defaults)
+
+
+def wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    lm = _WRAPPERS.get(id(model))
+    if lm is None or lm.model is not model:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        _WRAPPERS[id(model)] = lm
+    lm.batch_size_per_gpu = batch_size
+    return lm
+
+
+def metric_keys(task: Any) -> list[str]:
+    """`metric,filter` keys a task reports, e.g. ``acc,none``."""
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f"{m},{f}" for m in task.aggregation() for f in filters]
+
+
+class LmEvalEvaluator(Evaluator):
+    def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
+        obj, cfg = self.objective, self.config
+        manager = task_manager(tuple(cfg.include_paths()), cfg.lm_eval.include_defaults)
+        known = set(manager.all_tasks)
+        for name in obj.tasks:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+                hint = f"; close matches: {', '.join(close)}" if close else (
+                    "" if known else "; no tasks are indexed: check lm_eval.include_path")
+                raise EvaluatorError(f"objectives.{obj.name}.tasks: unknown lm-eval task {name!r}{hint}")
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        try:
+            self.task_dict = manager.load(list(obj.tasks))
+        except Exception as e:  # noqa: BLE001 - a task that cannot be built is a set-up error
+            raise EvaluatorError(f"objectives.{obj.name}.tasks: cannot load ({e.__class__.__name__}: {e})") from None
+        for name, task in self.task_dict["tasks"].items():
+            if task.config.unsafe_code and not cfg.lm_eval.allow_unsafe_code:
+                raise EvaluatorError(
+                    f"objectives.{obj.name}.tasks: {name} executes model-written code; set "
+                    "lm_eval.allow_unsafe_code: true to allow it")
+            if task.get_config("output_type") == "generate_until" and obj.gen_kwargs:
+                task.set_config(key="generation_kwargs", value=obj.gen_kwargs, update=True)
+            if obj.num_fewshot is not None:
+                if task.get_config("num_fewshot") != 0:
+                    task.set_config(key="num_fewshot", value=obj.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            keys = metric_keys(task)
+            if obj.metric not in keys:
+                raise EvaluatorError(
+                    f"objectives.{obj.name}.metric: task {name} reports no {obj.metric!r}; "
+                    f"it reports {', '.join(keys)}")
+        self.lm = wrap(model, tokenizer, obj.batch_size)
+
+    def measure(self, recipe: Any) -> tuple[float, dict[str, float]]:
+        from lm_eval.evaluator import evaluate
+
+        obj = self.objective
+        # Reseed as simple_evaluate does, so that results equal the CLI's.
+        random.seed(RANDOM_SEED)
+        np.random.seed(NUMPY_SEED)
+        torch.manual_seed(TORCH_SEED)
+        for task in self.task_dict["tasks"].values():
+            task.set_fewshot_seed(seed=obj.seed)
+        out = evaluate(
+            lm=self.lm, task_dict=self.task_dict, limit=obj.limit, log_samples=False,
+            bootstrap_iters=0, apply_chat_template=obj.apply_chat_template,
+            fewshot_as_multiturn=obj.fewshot_as_multiturn, verbosity="ERROR",
+            confirm_run_unsafe_code=self.config.lm_eval.allow_unsafe_code,
+        )
+        results = out["results"]
+        metrics: dict[str, float] = {}
+        values = []
+        for name in obj.tasks:
+            if obj.metric in results.get(name, {}):  # a task, or a group with an aggregate
+                values.append(results[name][obj.metric])
+            else:  # a tag: the mean of its tasks
+                values.extend(results[t][obj.metric] for t in self.task_dict["tasks"] if t in results)
+        for name in self.task_dict["tasks"]:
+            if name in results and obj.metric in results[name]:
+                metrics[f"{name}/{obj.metric}"] = results[name][obj.metric]
+        return float(np.mean(values)), metrics

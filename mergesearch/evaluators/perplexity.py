@@ -1,0 +1,64 @@
+"""Perplexity of the live model over a `datasets` dataset, within a token budget.
+
+The text is tokenised once at set-up into windows of `seq_len` tokens (at most
+`max_tokens` in all); each call is a no-grad pass over those windows: exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mergesearch.errors import EvaluatorError
+from mergesearch.evaluators.base import Evaluator
+
+
+def load_texts(spec: Any, root) -> list[str]:
+    import datasets
+
+    files = spec.data_files
+    if isinstance(files, str):
+        files = str(root / files) if not files.startswith("/") else files
+    elif isinstance(files, list):
+        files = [str(root / f) if not f.startswith("/") else f for f in files]
+    try:
+        data = datasets.load_dataset(spec.path, spec.name, data_files=files, split=spec.split)
+    except Exception as e:  # noqa: BLE001 - missing file, unknown dataset, offline hub
+        raise EvaluatorError(f"dataset: cannot load {spec.path!r} ({e.__class__.__name__}: {e})") from None
+    if spec.text_field not in data.column_names:
+        raise EvaluatorError(f"dataset.text_field: no column {spec.text_field!r}; columns: "
+                             + ", ".join(data.column_names))
+    return [t for t in data[spec.text_field] if t]
+
+
+class PerplexityEvaluator(Evaluator):
+    def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
+        obj = self.objective
+        ids: list[int] = []
+        for text in load_texts(obj.dataset, self.config.root):
+            ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+            if len(ids) >= obj.max_tokens:
+                break
+        ids = ids[: obj.max_tokens]
+        n = len(ids) // obj.seq_len
+        if n == 0:
+            raise EvaluatorError(f"objectives.{obj.name}.dataset: fewer than seq_len={obj.seq_len} tokens")
+        device = next(model.parameters()).device
+        self.windows = torch.tensor(ids[: n * obj.seq_len], device=device).view(n, obj.seq_len)
+        self.model = model
+
+    @torch.no_grad()
+    def measure(self, recipe: Any) -> tuple[float, dict[str, float]]:
+        total, count = 0.0, 0
+        for batch in self.windows.split(self.objective.batch_size):
+            logits = self.model(input_ids=batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += batch[:, 1:].numel()
+        mean = total / count
+        return math.exp(mean), {"nll": mean, "tokens": float(count)}
