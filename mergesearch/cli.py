@@ -80,6 +80,50 @@ def merge(
     out.print(f"wrote {path}")
 
 
+@app.command("eval")
+@user_errors
+def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives are used)"),
+          model: Path | None = typer.Option(None, "--model", help="A saved model folder"),
+          recipe: Path | None = typer.Option(None, "--recipe", help="A recipe (ours or mergekit YAML)"),
+          heldout: bool = typer.Option(False, "--heldout", help="Score the config's heldout objectives"),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON")):
+    """Score one saved model or one recipe with the config's objectives."""
+    from rich.table import Table
+
+    from mergesearch.config import ConfigError, load_config
+    from mergesearch.recipe import Recipe, RecipeError
+    from mergesearch.search import CandidateWorker, resolve_models
+
+    cfg = load_config(config)
+    if (model is None) == (recipe is None):
+        raise ConfigError("give exactly one of --model DIR or --recipe FILE")
+    if heldout and not cfg.heldout:
+        raise ConfigError(f"{config}: heldout: the config has no heldout objectives")
+    if model is not None:
+        if not model.is_dir():
+            raise RecipeError(f"{model}: model folder not found")
+        worker = CandidateWorker(cfg.snapshot(), str(model), {}, heldout=heldout)
+        result = worker.evaluate(None)
+    else:
+        r = Recipe.load(recipe)
+        base, sources = resolve_models(cfg)
+        names = {alias: path for alias, path in sources.items()}
+        wanted = [m for m in r.source_names() if m != (r.base_model or base)]
+        extra = {f"_{i}": m for i, m in enumerate(wanted) if m not in names.values()}
+        worker = CandidateWorker(cfg.snapshot(), r.base_model or base, {**names, **extra}, heldout=heldout)
+        result = worker.evaluate(r.model_dump_json())
+    if as_json:
+        print(json.dumps({k: result[k] for k in ("values", "metrics", "error", "timings")}, indent=2))
+    else:
+        table = Table("objective", "value")
+        for name, value in result["values"].items():
+            table.add_row(name, f"{value:.6g}")
+        out.print(table)
+    if result["error"]:
+        err.print(f"[red]failed:[/red] {result['error']}", highlight=False)
+        raise typer.Exit(1)
+
+
 # ---- search -----------------------------------------------------------------------------
 
 RunArg = typer.Argument(None, help="Run folder (holds run.json)")

@@ -45,6 +45,7 @@ class CandidateWorker:
         from mergesearch.merging import TaskVectors, load_live_model
 
         started = time.perf_counter()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars
         data = dict(snapshot)
         root = Path(data.pop("root", "."))
         self.config = parse_config(data, source="config snapshot", root=root)
