@@ -26,8 +26,13 @@ from mergesearch.search.samplers import build_sampler
 from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
 from mergesearch.search.worker import ray_worker_class, resolve_models
 
-ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "MERGESEARCH_CACHE",
-                   "TOKENIZERS_PARALLELISM", "HF_ALLOW_CODE_EVAL")
+ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+                   "HF_ALLOW_CODE_EVAL", "PYTHONPATH")
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's variables that workers need: Hugging Face settings and MERGESEARCH_*."""
+    return {k: v for k, v in os.environ.items() if k in ENV_PASSTHROUGH or k.startswith("MERGESEARCH_")}
 
 
 @dataclass
@@ -62,8 +67,7 @@ def start_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": False,
                               "configure_logging": False}
     if config.workers.address:
         ray.init(address=config.workers.address, **kwargs)
@@ -86,7 +90,9 @@ class Runner:
 
     def _spawn(self, index: int):
         w = self.config.workers
-        env = {} if w.gpus_per_worker else {"CUDA_VISIBLE_DEVICES": ""}
+        env = worker_env()
+        if not w.gpus_per_worker:  # else Ray lets a GPU-less actor see every GPU
+            env["CUDA_VISIBLE_DEVICES"] = ""
         actor = ray_worker_class().options(
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
             runtime_env={"env_vars": env}, name=None,

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ def create_or_load(config: Config) -> optuna.Study:
     except KeyError:
         study = optuna.create_study(study_name=config.study.name, storage=storage,
                                     directions=directions(config))
-        study.set_metric_names(names)
+        with warnings.catch_warnings():  # experimental in Optuna, stable enough for names
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
         study.set_user_attr(CONFIG_ATTR, config.snapshot())
     else:
         if study.metric_names not in (None, names):
