@@ -63,6 +63,7 @@ def merge(
     r = Recipe.load(recipe)
     base = r.base_model or r.models[0].model
     # Everything checkable is checked before any weights are read.
+    validate_recipe(r)
     validate_recipe(r, Checkpoint.open(base).num_layers)
     names = [m for m in dict.fromkeys([base, *r.source_names()])]
     for m in names:

@@ -142,7 +142,7 @@ class Recipe(BaseModel):
         if bool(models) == bool(slices):
             raise RecipeError(f"{source}: exactly one of 'models' or 'slices' must be given")
         if slices:
-            models, params = _flatten_slices(slices, params, base, source)
+            models, params = _flatten_slices(slices, params, base, source, method)
         return cls.from_dict(
             {"method": method, "base_model": base, "models": models, "parameters": params,
              "dtype": dtype},
@@ -237,7 +237,8 @@ def _first_error(e: ValidationError) -> str:
 
 
 def _flatten_slices(
-    slices: list[dict[str, Any]], top_params: dict[str, Any], base: str | None, source: str
+    slices: list[dict[str, Any]], top_params: dict[str, Any], base: str | None, source: str,
+    method: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Turn depth-preserving `slices:` into one models list with per-layer parameter lists.
 
@@ -280,7 +281,20 @@ def _flatten_slices(
         return models, {**top_params, **(sl.get("parameters") or {})}
 
     # Several slices: every parameter becomes an explicit per-layer list (per filter).
-    def per_layer(getter) -> Any:
+    def default(key: str) -> Any:
+        # A slice without a value falls back to the method's default, as in mergekit; only
+        # the registry knows it (the one place a recipe looks above itself).
+        from mergesearch.merging.registry import get_method
+
+        try:
+            param = get_method(method).param(key)
+        except KeyError:
+            param = None
+        if param is None or param.required:
+            raise RecipeError(f"{source}: parameter {key!r} is missing in some slices")
+        return param.default
+
+    def per_layer(getter, key: str) -> Any:
         # Gather the filters used anywhere, then evaluate layer by layer.
         filters: list[str | None] = []
         for sl in slices:
@@ -302,18 +316,24 @@ def _flatten_slices(
                         v = evaluate(_coerce(setting), f or "", t)
                         if v is not None:
                             break
-                    vals.append(v)
-            if any(v is None for v in vals):
-                raise RecipeError(f"{source}: a parameter is missing in some slices")
+                    vals.append(default(key) if v is None else v)
             out.append({"filter": f, "value": vals} if f is not None else {"value": vals})
         if len(vals) != num_layers:  # pragma: no cover - guaranteed by construction
             raise RecipeError(f"{source}: internal slice flattening error")
-        return out if filters != [None] and filters else out[0]["value"]
+        if filters not in ([], [None]):
+            return out
+        # mergekit takes the final norm and lm_head from the last slice at t = 0 (and the
+        # embeddings from the first): say so with filters ahead of the per-layer list.
+        last = next((evaluate(_coerce(v), "", 0.0) for v in getter(slices[-1])), None)
+        post = default(key) if last is None else last
+        if post == vals[0]:
+            return vals
+        return [{"filter": f, "value": post} for f in POST_WEIGHTS] + [{"value": vals}]
 
     keys = {k for sl in slices for k in (sl.get("parameters") or {})}
     params = dict(top_params)
     for k in keys:
-        params[k] = per_layer(lambda sl, k=k: [v for v in [(sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None])
+        params[k] = per_layer(lambda sl, k=k: [v for v in [(sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None], k)
     models = []
     for name in order:
         pkeys = {k for sl in slices for s in sl["sources"] if s["model"] == name for k in (s.get("parameters") or {})}
@@ -322,9 +342,14 @@ def _flatten_slices(
             def g(sl, k=k, name=name):
                 own = [(s.get("parameters") or {}).get(k) for s in sl["sources"] if s["model"] == name]
                 return [v for v in [*own, (sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None]
-            mparams[k] = per_layer(g)
+            mparams[k] = per_layer(g, k)
         models.append({"model": name, "parameters": mparams})
     return models, params
+
+
+# Names of the tensors after the last layer (final norm, output head) in the supported
+# architectures: Llama/Mistral/Qwen/Gemma/Phi, GPT-2, GPT-NeoX.
+POST_WEIGHTS = ("lm_head", "model.norm.", "transformer.ln_f", "gpt_neox.final_layer_norm", "embed_out")
 
 
 def _conditions(v: Any) -> list[str | None]:
