@@ -162,7 +162,9 @@ def plot_front(study: optuna.Study, path: str | Path) -> Path:
             ax.scatter(values[~on_front, i], values[~on_front, j], s=12, color="0.7", label="trials")
             f = values[on_front]
             order = np.argsort(f[:, i])
-            ax.plot(f[order, i], f[order, j], "o-", color="tab:blue", label="Pareto front")
+            # a line only where the front is 2-D; with more objectives it is a projection
+            style = "o-" if len(names) == 2 else "o"
+            ax.plot(f[order, i], f[order, j], style, color="tab:blue", label="Pareto front")
             for k, (ref_name, ref) in enumerate(refs.items()):
                 if names[i] in ref and names[j] in ref:
                     ax.scatter([ref[names[i]]], [ref[names[j]]], marker="*", s=160,
