@@ -8,6 +8,7 @@ Loading never unpickles: safetensors (single or sharded with its index) first, a
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -114,7 +115,7 @@ class Checkpoint:
                     part = load_file(f, device=str(device))
                 else:
                     part = torch.load(f, map_location=device, weights_only=True)
-            except (SafetensorsError, OSError, RuntimeError, EOFError) as e:
+            except (SafetensorsError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
                 raise CheckpointError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
             tensors.update(part)
         return tensors
