@@ -8,7 +8,6 @@ folder and storage files, which are relative to the working directory.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -332,6 +331,3 @@ def format_validation_error(e: ValidationError) -> str:
         return f"{loc}.{msg}"  # a model validator naming a field below its own
     return f"{loc}: {msg}" if loc else msg
 
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Union
 
@@ -153,14 +152,6 @@ class Recipe(BaseModel):
 
     def source_names(self) -> list[str]:
         return [s.model for s in self.models]
-
-    def with_models(self, mapping: dict[str, str]) -> Recipe:
-        """The same recipe with model references renamed (e.g. aliases to paths)."""
-        rename = lambda m: mapping.get(m, m)  # noqa: E731
-        return self.model_copy(update={
-            "base_model": rename(self.base_model) if self.base_model else None,
-            "models": [s.model_copy(update={"model": rename(s.model)}) for s in self.models],
-        })
 
 
 # ---- parameter values ----------------------------------------------------------------
@@ -367,6 +358,3 @@ def _coerce(v: Any) -> ParamValue:
         return [Conditional(**x) for x in v]
     return v
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
