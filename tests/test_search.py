@@ -155,22 +155,23 @@ def test_dead_worker_is_replaced_and_its_trial_retried(tmp_path, demo_experts, r
     assert max(t.user_attrs["attempts"] for t in trials) == 2
 
 
+def wait_for_completed(run: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if (run / "run.json").exists():
+            if sum(t.state == TrialState.COMPLETE for t in load_study(run).trials) >= n:
+                return
+    pytest.fail("the search made no progress")
+
+
 def test_resume_after_sigkill_keeps_completed_trials_and_reaches_budget(tmp_path, demo_experts):
     path = write_config(tmp_path, n_trials=10)
     run = tmp_path / "run"
     proc = subprocess.Popen([*MERGESEARCH, "run", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    before = {}
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            time.sleep(1)
-            if (run / "run.json").exists():
-                done = [t for t in load_study(run).trials if t.state == TrialState.COMPLETE]
-                if len(done) >= 3:
-                    break
-        else:
-            pytest.fail("the search made no progress")
+        wait_for_completed(run, 3, proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
@@ -189,6 +190,29 @@ def test_resume_after_sigkill_keeps_completed_trials_and_reaches_budget(tmp_path
                  if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
                  and "duplicate_of_hash" not in t.user_attrs]
     assert len(evaluated) == len(set(evaluated))  # no recipe evaluated twice
+
+
+def test_ctrl_c_leaves_the_study_consistent_and_resumable(tmp_path, demo_experts):
+    path = write_config(tmp_path, n_trials=8)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*MERGESEARCH, "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_completed(run, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "mergesearch resume" in stderr and "Traceback" not in stderr
+    study = load_study(run)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    done_before = sum(counted(t) for t in study.trials)
+    assert done_before < 8
+    result = subprocess.run([*MERGESEARCH, "resume", str(run)], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(counted(t) for t in load_study(run).trials) == 8
 
 
 def test_joins_an_existing_multi_node_ray_cluster(tmp_path, demo_experts):

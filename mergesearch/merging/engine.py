@@ -182,10 +182,13 @@ def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel
     return out
 
 
-def load_live_model(model: str | Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
-    """The model the candidates are written into: the base, loaded once, in eval mode."""
+def load_live_model(model: str | Path, device: torch.device, dtype: str | None = None,
+                    trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model the candidates are written into: the base, loaded once, in eval mode.
+    Custom modelling code from the folder runs only with ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
-    live = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
+    live = AutoModelForCausalLM.from_pretrained(
+        model, dtype=getattr(torch, dtype) if dtype else "auto",
+        trust_remote_code=trust_remote_code).to(device)
     return live.eval()

@@ -35,7 +35,8 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
             sources = [s for s in dict.fromkeys([*recipe.source_names()]) if s != recipe.base_model]
             base = recipe.base_model or _config_base(config)
             engine = TaskVectors(base, [s for s in sources if s != base])
-            model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype)
+            model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype,
+                                    trust_remote_code=config.models.trust_remote_code)
             engine.merge_into(model, recipe)
             write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe)
         _write_atomic(out / "recipe.json", recipe.to_json() + "\n")

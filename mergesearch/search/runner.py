@@ -132,7 +132,9 @@ class Runner:
         num_layers = Checkpoint.open(self.base).num_layers
         study = create_or_load(self.config)
         self.study = study
-        study.sampler = build_sampler(self.config)
+        # A resumed sampler is seeded past the trials it has seen, so that it does not
+        # replay its first proposals (which would only be duplicates now).
+        study.sampler = build_sampler(self.config, offset=len(study.trials))
         space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed)
         recover_orphans(study)
         driver = Driver(study)
@@ -216,16 +218,11 @@ class Runner:
                     self._record(job, result, finish, seen, waiting_on)
                     self._update_front(study, progress)
         except KeyboardInterrupt:
-            # Leave the study consistent: trials in flight are failed and re-queued, so a
-            # resume evaluates them again and counts them once.
-            for job in in_flight.values():
-                study._storage.set_trial_user_attr(job.trial._trial_id, "requeued", True)
-                study.tell(job.trial, state=TrialState.FAIL)
-                study.enqueue_trial(job.trial.params, user_attrs={"retry_of": job.trial.number})
-            for dups in waiting_on.values():
-                for t in dups:
-                    study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
-                    study.tell(t, state=TrialState.FAIL)
+            # Leave the study consistent: this driver's running trials (in flight, waiting
+            # on a duplicate, or half-asked) are failed and re-queued, as a resume treats
+            # a dead driver's, so they are evaluated again and counted once.
+            driver.stop()
+            recover_orphans(study, reason="Ctrl-C")
             raise
         finally:
             driver.stop()

@@ -8,9 +8,9 @@ import optuna
 from mergesearch.config import Config
 
 
-def build_sampler(config: Config) -> optuna.samplers.BaseSampler:
+def build_sampler(config: Config, offset: int = 0) -> optuna.samplers.BaseSampler:
     s = config.sampler
-    seed = s.seed
+    seed = s.seed + offset
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=config.population_size, seed=seed)
     if s.name == "nsga3":

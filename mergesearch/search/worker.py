@@ -54,8 +54,10 @@ class CandidateWorker:
         if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             device = "cuda"
         self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu")
-        self.model = load_live_model(self.engine.base.path, self.engine.device, self.config.models.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path)
+        trust = self.config.models.trust_remote_code
+        self.model = load_live_model(self.engine.base.path, self.engine.device, self.config.models.dtype,
+                                     trust_remote_code=trust)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
         objectives = self.config.heldout if heldout else self.config.objectives
         self.evaluators = build_evaluators(self.config, objectives)
         for ev in self.evaluators:
