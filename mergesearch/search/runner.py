@@ -155,7 +155,6 @@ class Runner:
         progress = Progress(total=budget, done=done, failed=sum(
             t.state == TrialState.FAIL and counted(t) for t in trials))
         progress.started = time.time()
-        progress_base = done
         in_flight: dict[Any, _InFlight] = {}
         waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
         idle = list(range(len(self.workers)))
@@ -228,8 +227,6 @@ class Runner:
             driver.stop()
             for a in self.workers:
                 ray.kill(a, no_restart=True)
-        progress.done = done
-        self.evaluated = done - progress_base
         return study
 
     def _score_references(self) -> dict[str, dict[str, float]]:
