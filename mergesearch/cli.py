@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mergesearch.errors import USER_ERRORS
 
@@ -35,7 +36,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -121,7 +122,7 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
             table.add_row(name, f"{value:.6g}")
         out.print(table)
     if result["error"]:
-        err.print(f"[red]failed:[/red] {result['error']}", highlight=False)
+        err.print(f"[red]failed:[/red] {escape(result['error'])}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -151,7 +152,8 @@ def _search(config) -> None:
         try:
             study = runner.run()
         except KeyboardInterrupt:
-            err.print(f"interrupted; the study is consistent. Continue with: mergesearch resume {config.run_dir}")
+            err.print("interrupted; the study is consistent. Continue with: "
+                      f"mergesearch resume {escape(str(config.run_dir))}")
             raise typer.Exit(130) from None
     out.print(f"done: hypervolume {study_hypervolume(study):.4g}; see `mergesearch front {config.run_dir}`")
 

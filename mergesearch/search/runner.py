@@ -8,8 +8,11 @@ retried a bounded number of times; an identical recipe is never evaluated twice.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,46 +179,52 @@ class Runner:
             done += 1
             progress.done = done
 
+        stop = threading.Event()  # set by the first Ctrl-C
         try:
-            while True:
-                driver.beat()
-                while idle and budget_left():
-                    trial = study.ask()
-                    trial.set_user_attr("driver", driver.id)
-                    recipe = space.sample(trial)
-                    h = recipe.hash()
-                    trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
-                    trial.set_user_attr("recipe_hash", h)
-                    if h in seen:
-                        finish(trial, seen[h], {"duplicate_of_hash": h})
-                        continue
-                    if any(f.recipe.hash() == h for f in in_flight.values()):
-                        waiting_on.setdefault(h, []).append(trial)
-                        continue
-                    wi = idle.pop()
-                    self._submit(in_flight, _InFlight(trial, recipe, wi))
-                progress.in_flight = len(in_flight)
-                self.on_progress(progress)
-                if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    job = in_flight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except ray.exceptions.RayActorError as e:
-                        # The worker died (killed, OOM-killed, node lost): replace it and
-                        # retry this trial on the new one, a bounded number of times.
-                        self.workers[job.worker] = self._spawn(job.worker)
-                        if job.attempts <= self.config.workers.max_retries:
-                            job.attempts += 1
-                            self._submit(in_flight, job)
+            with _sigint_sets(stop):
+                while not stop.is_set():
+                    driver.beat()
+                    while idle and budget_left() and not stop.is_set():
+                        trial = study.ask()
+                        trial.set_user_attr("driver", driver.id)
+                        recipe = space.sample(trial)
+                        h = recipe.hash()
+                        trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
+                        trial.set_user_attr("recipe_hash", h)
+                        if h in seen:
+                            finish(trial, seen[h], {"duplicate_of_hash": h})
                             continue
-                        result = {"error": f"worker died {job.attempts} times: {_actor_cause(e)}",
-                                  "values": {}, "metrics": {}, "timings": {}, "worker": None}
-                    idle.append(job.worker)
-                    self._record(job, result, finish, seen, waiting_on)
-                    self._update_front(study, progress)
+                        if any(f.recipe.hash() == h for f in in_flight.values()):
+                            waiting_on.setdefault(h, []).append(trial)
+                            continue
+                        wi = idle.pop()
+                        self._submit(in_flight, _InFlight(trial, recipe, wi))
+                    progress.in_flight = len(in_flight)
+                    self.on_progress(progress)
+                    if not in_flight:
+                        break
+                    ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                    for ref in ready:
+                        if stop.is_set():  # a result cut short by Ctrl-C is not recorded
+                            break
+                        job = in_flight.pop(ref)
+                        try:
+                            result = ray.get(ref)
+                        except ray.exceptions.RayActorError as e:
+                            # The worker died (killed, OOM-killed, node lost): replace it and
+                            # retry this trial on the new one, a bounded number of times.
+                            self.workers[job.worker] = self._spawn(job.worker)
+                            if job.attempts <= self.config.workers.max_retries:
+                                job.attempts += 1
+                                self._submit(in_flight, job)
+                                continue
+                            result = {"error": f"worker died {job.attempts} times: {_actor_cause(e)}",
+                                      "values": {}, "metrics": {}, "timings": {}, "worker": None}
+                        idle.append(job.worker)
+                        self._record(job, result, finish, seen, waiting_on)
+                        self._update_front(study, progress)
+            if stop.is_set():
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             # Leave the study consistent: this driver's running trials (in flight, waiting
             # on a duplicate, or half-asked) are failed and re-queued, as a resume treats
@@ -292,6 +301,25 @@ class Runner:
             if vals:
                 best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
         progress.best = best
+
+
+@contextlib.contextmanager
+def _sigint_sets(stop: threading.Event):
+    """Within the block, the first Ctrl-C only sets `stop`: the loop then winds down at a
+    point where no storage write is half done. A second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _actor_cause(e: Exception) -> str:
