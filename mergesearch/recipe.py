@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Union
 
@@ -91,7 +92,7 @@ class Recipe(BaseModel):
         try:
             data = yaml.safe_load(text)  # JSON is YAML
         except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML/JSON ({e})") from None
+            raise RecipeError(f"{path}: not valid YAML/JSON ({_yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")
         if "merge_method" in data:
@@ -124,7 +125,7 @@ class Recipe(BaseModel):
         """Import a mergekit config (`models:` or depth-preserving `slices:` form)."""
         if isinstance(data, str):
             data = yaml.safe_load(data)
-        data = dict(data)
+        data = _yaml_numbers(dict(data))
         method = data.pop("merge_method", None)
         if not method:
             raise RecipeError(f"{source}: merge_method is missing")
@@ -221,6 +222,29 @@ def _dump(params: dict[str, ParamValue]) -> dict[str, Any]:
     return {k: one(v) for k, v in params.items()}
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_numbers(data: Any) -> Any:
+    """YAML 1.1 reads ``1e-8`` (no dot) as a string; mergekit takes it as the number, and
+    every knob here is a number or a flag, so parameter values like it become floats."""
+    if isinstance(data, dict):
+        return {k: (_yaml_numbers(v) if k not in ("model", "base_model", "filter") else v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [_yaml_numbers(v) for v in data]
+    if isinstance(data, str) and _NUMBER.fullmatch(data):
+        return float(data)
+    return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint on one line (its own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
@@ -265,11 +289,13 @@ def _flatten_slices(
                 "position are supported"
             )
         expected = b
-    num_layers = expected
     if len(slices) == 1:
         sl = slices[0]
         models = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sl["sources"]]
-        return models, {**top_params, **(sl.get("parameters") or {})}
+        params = dict(top_params)
+        for k, v in (sl.get("parameters") or {}).items():
+            params[k] = _fall_back(v, top_params[k]) if k in top_params else v
+        return models, params
 
     # Several slices: every parameter becomes an explicit per-layer list (per filter).
     def default(key: str) -> Any:
@@ -285,43 +311,45 @@ def _flatten_slices(
             raise RecipeError(f"{source}: parameter {key!r} is missing in some slices")
         return param.default
 
+    def resolve(settings: list[Any], name: str, t: float, key: str) -> Any:
+        # mergekit's precedence: the first setting that gives a value, else the default
+        for setting in settings:
+            v = evaluate(_coerce(setting), name, t)
+            if v is not None:
+                return v
+        return default(key)
+
     def per_layer(getter, key: str) -> Any:
-        # Gather the filters used anywhere, then evaluate layer by layer.
-        filters: list[str | None] = []
-        for sl in slices:
-            for v in getter(sl):
-                for c in _conditions(v):
-                    if c not in filters:
-                        filters.append(c)
         if not any(getter(sl) for sl in slices):
             return None
-        out = []
-        for f in filters or [None]:
-            vals = []
-            for (a, b), sl in zip(ranges, slices):
-                n = b - a
-                for j in range(n):
-                    t = j / (n - 1) if n > 1 else 1.0
-                    v = None
-                    for setting in getter(sl):
-                        v = evaluate(_coerce(setting), f or "", t)
-                        if v is not None:
-                            break
-                    vals.append(default(key) if v is None else v)
-            out.append({"filter": f, "value": vals} if f is not None else {"value": vals})
-        if len(vals) != num_layers:  # pragma: no cover - guaranteed by construction
-            raise RecipeError(f"{source}: internal slice flattening error")
-        if filters not in ([], [None]):
-            return out
-        # mergekit takes the final norm and lm_head from the last slice at t = 0 (and the
-        # embeddings from the first): say so with filters ahead of the per-layer list.
-        last = next((evaluate(_coerce(v), "", 0.0) for v in getter(slices[-1])), None)
-        post = default(key) if last is None else last
-        if post == vals[0]:
-            return vals
-        return [{"filter": f, "value": post} for f in POST_WEIGHTS] + [{"value": vals}]
+        seen: list[str | None] = []
+        for sl in slices:
+            for v in getter(sl):
+                seen += [c for c in _conditions(v) if c not in seen and c != "*"]
+        # Each filter name stands in for the tensors it matches: a more specific filter
+        # goes first (a self_attn tensor also matches attn) and the catch-all last, or a
+        # slice's catch-all would shadow another slice's filters.
+        filters = [*_specific_first([f for f in seen if f is not None]), None]
+        conds = []
+        for f in filters:
+            vals = [resolve(getter(sl), f or "", j / (b - a - 1) if b - a > 1 else 1.0, key)
+                    for (a, b), sl in zip(ranges, slices) for j in range(b - a)]
+            conds.append({"filter": f, "value": _compact(vals)} if f else {"value": _compact(vals)})
+        layers = conds[0]["value"] if len(conds) == 1 else conds
+        # mergekit plans the embeddings with the first slice and the final norm and
+        # lm_head with the last, both at t = 0: say so with filters ahead of the layers.
+        edges = []
+        for names, sl in ((PRE_WEIGHTS, slices[0]), (POST_WEIGHTS, slices[-1])):
+            for name in names:
+                v = resolve(getter(sl), name, 0.0, key)
+                if v != evaluate(_coerce(layers), name, 0.0):
+                    edges.append({"filter": name, "value": v})
+        if not edges:
+            return layers
+        return edges + (conds if len(conds) > 1 else [{"value": layers}])
 
-    keys = {k for sl in slices for k in (sl.get("parameters") or {})}
+    # Top-level gradients too: mergekit evaluates them at each slice's own t.
+    keys = {k for sl in slices for k in (sl.get("parameters") or {})} | set(top_params)
     params = dict(top_params)
     for k in keys:
         params[k] = per_layer(lambda sl, k=k: [v for v in [(sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None], k)
@@ -338,9 +366,44 @@ def _flatten_slices(
     return models, params
 
 
-# Names of the tensors after the last layer (final norm, output head) in the supported
-# architectures: Llama/Mistral/Qwen/Gemma/Phi, GPT-2, GPT-NeoX.
-POST_WEIGHTS = ("lm_head", "model.norm.", "transformer.ln_f", "gpt_neox.final_layer_norm", "embed_out")
+# The tensors before the first layer and after the last in the supported architectures
+# (Llama/Mistral/Qwen/Gemma/Phi, GPT-2, GPT-NeoX), named as in mergekit's definitions.
+PRE_WEIGHTS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight",
+               "gpt_neox.embed_in.weight")
+POST_WEIGHTS = ("lm_head.weight", "lm_head.bias", "model.norm.weight", "model.norm.bias",
+                "model.final_layernorm.weight", "model.final_layernorm.bias",
+                "transformer.ln_f.weight", "transformer.ln_f.bias",
+                "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias",
+                "embed_out.weight")
+
+
+def _specific_first(filters: list[str]) -> list[str]:
+    """First-seen order, except that a filter goes ahead of those it contains."""
+    out: list[str] = []
+    for f in filters:
+        out.insert(next((i for i, g in enumerate(out) if g in f), len(out)), f)
+    return out
+
+
+def _compact(vals: list[Any]) -> Any:
+    """One value for a list whose values are all equal."""
+    return vals[0] if all(v == vals[0] for v in vals) else vals
+
+
+def _fall_back(value: Any, fallback: Any) -> Any:
+    """``value``, falling back to ``fallback`` for tensors none of its filters match
+    (mergekit reads a slice's parameters before the top-level ones)."""
+    if {None, "*"} & set(_conditions(value)):  # it gives a value for every tensor
+        return value
+    return _as_conditions(value) + _as_conditions(fallback)
+
+
+def _as_conditions(v: Any) -> list[dict[str, Any]]:
+    if isinstance(v, dict):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return list(v)
+    return [{"value": v}]
 
 
 def _conditions(v: Any) -> list[str | None]:

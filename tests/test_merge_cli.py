@@ -1,8 +1,9 @@
-"""`mergesearch merge`, the in-place engine, and the refusal of bad input."""
+"""`mergesearch merge`, the in-place engine, atomic writes, and the refusal of bad input."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,12 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from mergesearch.cli import app
 from mergesearch.merging import TaskVectors, load_live_model, save_model
+from mergesearch.merging import output as output_module
 from mergesearch.recipe import Recipe
 
-MERGESEARCH = [sys.executable, "-m", "mergesearch.cli"]
+MERGESEARCH = str(Path(sys.executable).parent / "mergesearch")  # the installed entry point
 
 
 def ties_recipe(f: dict, **change) -> dict:
@@ -27,40 +32,93 @@ def ties_recipe(f: dict, **change) -> dict:
     return recipe
 
 
-def merge(recipe: dict, tmp_path: Path, out: Path | None = None) -> subprocess.CompletedProcess:
+def write(recipe: dict, tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return subprocess.run([*MERGESEARCH, "merge", str(path), "--out", str(out or tmp_path / "out")],
+    return path
+
+
+def merge_subprocess(recipe: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([MERGESEARCH, "merge", str(write(recipe, tmp_path)), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
+
+
+def merge_in_process(recipe: dict, tmp_path: Path):
+    return CliRunner().invoke(app, ["merge", str(write(recipe, tmp_path)), "--out", str(tmp_path / "out"),
+                                    "--device", "cpu"])
+
+
+def expected_tensors(f: dict, recipe: dict) -> dict[str, torch.Tensor]:
+    return dict(TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu").merged_tensors(
+        Recipe.from_mergekit(recipe)))
+
+
+# ---- writing a merged model -----------------------------------------------------------
 
 
 def test_merge_writes_a_model_transformers_loads_with_our_tensors(families, tmp_path):
     f = families["llama"]
-    result = merge(ties_recipe(f), tmp_path)
+    result = merge_subprocess(ties_recipe(f), tmp_path)  # the real command, in its own process
     assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    expected = dict(TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu").merged_tensors(
-        Recipe.from_mergekit(ties_recipe(f))))
+    expected = expected_tensors(f, ties_recipe(f))
+    assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["method"] == "ties"
-    assert yaml.safe_load((tmp_path / "out" / "mergekit.yaml").read_text())["merge_method"] == "ties"
 
 
-def test_merge_into_then_restore_base_is_exact(families):
+def test_merge_writes_the_recipe_and_its_mergekit_yaml_beside_the_model(families, tmp_path):
+    f = families["llama"]
+    result = merge_in_process(ties_recipe(f), tmp_path)
+    assert result.exit_code == 0, result.stderr
+    recipe = Recipe.from_mergekit(ties_recipe(f))
+    assert Recipe.load(tmp_path / "out" / "recipe.json") == recipe
+    assert Recipe.load(tmp_path / "out" / "mergekit.yaml") == recipe
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_tied_embeddings_are_written_once_and_stay_tied(families, tmp_path):
     f = families["gpt2"]
+    result = merge_in_process(ties_recipe(f), tmp_path)
+    assert result.exit_code == 0, result.stderr
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as h:
+        names = set(h.keys())
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, expected_tensors(f, ties_recipe(f))["transformer.wte.weight"])
+
+
+# ---- the in-place engine --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_into_equals_merged_tensors_and_restore_base_is_exact(arch, families):
+    f = families[arch]
     tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
     model = load_live_model(tv.base.path, tv.device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = Recipe.from_mergekit(ties_recipe(f))
     tv.merge_into(model, recipe)
     merged = dict(tv.merged_tensors(recipe))
-    assert torch.equal(model.state_dict()["transformer.h.1.mlp.c_fc.weight"],
-                       merged["transformer.h.1.mlp.c_fc.weight"])
-    # tied embeddings: written once, and the output head still shares them
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    assert torch.equal(model.lm_head.weight, merged["transformer.wte.weight"])
+    live = model.state_dict()
+    assert all(torch.equal(live[k], merged[k]) for k in merged)
+    assert any(not torch.equal(live[k], before[k]) for k in merged)
     tv.restore_base(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_merge_into_keeps_gpt2_output_head_tied(families):
+    f = families["gpt2"]
+    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    model = load_live_model(tv.base.path, tv.device)
+    recipe = Recipe.from_mergekit(ties_recipe(f))
+    tv.merge_into(model, recipe)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, dict(tv.merged_tensors(recipe))["transformer.wte.weight"])
+
+
+# ---- atomic writes --------------------------------------------------------------------
 
 
 def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_path, monkeypatch):
@@ -68,10 +126,10 @@ def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_
     model = load_live_model(f["base"], torch.device("cpu"))
     out = tmp_path / "merged"
     save_model(model, out)
-    previous = sorted(p.name for p in out.iterdir())
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(self, path, **kwargs):
-        Path(path, "model.safetensors").write_bytes(b"partial")
+        Path(path, "model.safetensors").write_bytes(b"partial")  # a file, then the failure
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model), "save_pretrained", broken)
@@ -79,65 +137,104 @@ def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_
         save_model(model, out)
     with pytest.raises(OSError):
         save_model(model, tmp_path / "fresh")
-    assert sorted(p.name for p in out.iterdir()) == previous
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     assert not (tmp_path / "fresh").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folders
+
+
+def test_failed_final_rename_puts_the_previous_folder_back(families, tmp_path, monkeypatch):
+    f = families["gpt2"]
+    model = load_live_model(f["base"], torch.device("cpu"))
+    out = tmp_path / "merged"
+    save_model(model, out)
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(output_module.os, "replace", replace)
+    with pytest.raises(OSError):
+        save_model(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+# ---- bad input: exit code 2, one line naming the field or file, no traceback ---------
+
+
+def assert_refused(result, message: str, tmp_path: Path) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
 
 
 BAD = {
     "unknown_method": (lambda f: ties_recipe(f, merge_method="tiez"), "method: unknown merge method 'tiez'"),
-    "density_out_of_range": (lambda f: ties_recipe(f, parameters={"density": 1.5}),
-                             "parameters.density: 1.5 is outside its valid range"),
+    "density_above_one": (lambda f: ties_recipe(f, parameters={"density": 1.5}),
+                          "parameters.density: 1.5 is outside its valid range [0.0, 1.0]"),
+    "density_below_zero": (lambda f: ties_recipe(f, models=[{"model": f["s0"], "parameters": {
+                           "weight": 1.0, "density": -0.1}}]),
+                           "models[0].parameters.density: -0.1 is outside its valid range"),
     "list_longer_than_layers": (lambda f: ties_recipe(f, parameters={"density": [0.5] * 5}),
                                 "parameters.density: 5 values fit no layer count of this model (4 layers)"),
     "unknown_parameter": (lambda f: ties_recipe(f, parameters={"densty": 0.5}),
                           "parameters.densty: not a parameter of ties"),
-    "missing_model_folder": (lambda f: ties_recipe(f, base_model="/nonexistent/base"),
-                             "/nonexistent/base: model folder not found"),
     "missing_weight": (lambda f: {**ties_recipe(f), "models": [{"model": f["s0"]}]},
                        "parameters.weight: required by ties"),
+    "missing_model_folder": (lambda f: ties_recipe(f, base_model="/nonexistent/base"),
+                             "/nonexistent/base: model folder not found"),
+    "unknown_dtype": (lambda f: ties_recipe(f, dtype="float33"), "dtype: 'float33' is not one of"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_recipe_is_refused_with_one_line_and_exit_code_2(case, families, tmp_path):
+def test_bad_recipe_is_refused(case, families, tmp_path):
     make, message = BAD[case]
-    result = merge(make(families["llama"]), tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert_refused(merge_in_process(make(families["llama"]), tmp_path), message, tmp_path)
 
 
-def test_incompatible_sources_are_refused_naming_model_and_tensor(families, tmp_path):
+def test_invalid_yaml_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("merge_method: ties\nmodels: [a, b\n")
+    result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "out")])
+    assert_refused(result, f"{path}: not valid YAML/JSON", tmp_path)
+
+
+def test_source_with_other_tensor_shapes_is_refused_naming_model_and_tensor(families, tmp_path):
     f = families["llama"]
     odd = tmp_path / "odd"
     shutil.copytree(f["s0"], odd)
     model = AutoModelForCausalLM.from_pretrained(odd)
     model.resize_token_embeddings(60)  # other embedding rows
     model.save_pretrained(odd)
-    result = merge(ties_recipe(f, models=[{"model": str(odd), "parameters": {"weight": 1.0}}]), tmp_path)
-    assert result.returncode == 2
-    assert f"{odd}: tensor lm_head.weight has shape [60, 32], the base has [51, 32]" in result.stderr
+    result = merge_in_process(ties_recipe(f, models=[{"model": str(odd), "parameters": {"weight": 1.0}}]), tmp_path)
+    assert_refused(result, f"{odd}: tensor lm_head.weight has shape [60, 32], the base has [51, 32]", tmp_path)
 
 
-def test_other_architecture_is_refused(families, tmp_path):
+def test_source_of_another_architecture_is_refused(families, tmp_path):
     f = families["llama"]
-    bad = ties_recipe(f, models=[{"model": families["gpt2"]["s0"], "parameters": {"weight": 1.0}}])
-    result = merge(bad, tmp_path)
-    assert result.returncode == 2 and "architecture gpt2" in result.stderr
+    gpt2 = families["gpt2"]["s0"]
+    result = merge_in_process(ties_recipe(f, models=[{"model": gpt2, "parameters": {"weight": 1.0}}]), tmp_path)
+    assert_refused(result, f"{gpt2}: architecture gpt2 ['GPT2LMHeadModel'] differs from the base's llama",
+                   tmp_path)
 
 
-def test_other_vocabulary_is_refused(tmp_path, families):
+def test_source_with_another_vocabulary_is_refused(tmp_path, families):
     from mergesearch.demo.tokenizer import char_tokenizer
 
     f = families["llama"]
     other = tmp_path / "other-vocab"
     shutil.copytree(f["s0"], other)
-    tok = char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyZ +-=:>,.?!\n")  # 'z' -> 'Z'
-    tok.save_pretrained(other)
-    result = merge(ties_recipe(f, models=[{"model": str(other), "parameters": {"weight": 1.0}}]), tmp_path)
-    assert result.returncode == 2 and "tokenizer vocabulary differs" in result.stderr
+    char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyZ +-=:>,.?!\n").save_pretrained(other)  # 'z' -> 'Z'
+    result = merge_in_process(ties_recipe(f, models=[{"model": str(other), "parameters": {"weight": 1.0}}]),
+                              tmp_path)
+    assert_refused(result, f"{other}: tokenizer vocabulary differs from the base's", tmp_path)
 
 
 def test_corrupt_safetensors_is_refused_naming_the_file(tmp_path, families):
@@ -145,6 +242,27 @@ def test_corrupt_safetensors_is_refused_naming_the_file(tmp_path, families):
     broken = tmp_path / "broken"
     shutil.copytree(f["s1"], broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    result = merge(ties_recipe(f, models=[{"model": str(broken), "parameters": {"weight": 1.0}}]), tmp_path)
+    result = merge_subprocess(ties_recipe(f, models=[{"model": str(broken), "parameters": {"weight": 1.0}}]),
+                              tmp_path)  # in its own process: the exit code and stderr as a user sees them
     assert result.returncode == 2
-    assert str(broken / "model.safetensors") in result.stderr and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(broken / "model.safetensors") in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_file_at_the_target_is_refused(families, tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    result = merge_in_process(ties_recipe(families["llama"]), tmp_path)
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_recipe_json_is_accepted_as_well_as_mergekit_yaml(families, tmp_path):
+    f = families["llama"]
+    recipe = Recipe.from_mergekit(ties_recipe(f))
+    recipe.save(tmp_path / "r.json")
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.json"), "--out", str(tmp_path / "out"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text()) == json.loads(recipe.to_json())

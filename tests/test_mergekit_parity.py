@@ -1,4 +1,5 @@
-"""Our tensors against mergekit 0.1.5's, on tiny models built here (untied Llama, tied GPT-2)."""
+"""Our tensors against mergekit 0.1.5's `run_merge`, on tiny models built here (untied
+Llama with 4 layers, tied GPT-2 with 3): every tensor, every deterministic method."""
 
 from __future__ import annotations
 
@@ -14,39 +15,75 @@ from mergesearch.merging import TaskVectors
 from mergesearch.recipe import Recipe
 
 ARCHS = ["llama", "gpt2"]
+# per-module overrides: "attn" matches Llama's self_attn and GPT-2's attn/c_attn
 ATTN_MLP = [{"filter": "attn", "value": [0.2, 0.9]}, {"filter": "mlp", "value": 0.6}, {"value": 0.4}]
+SELF_ATTN = [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": [0.3, 0.5]}, {"value": 1.0}]
 
 
-def cases(f: dict, num_layers: int) -> dict[str, dict]:
-    per_layer = [round(0.2 + 0.15 * i, 2) for i in range(num_layers)]
+def cases(f: dict, num_layers: int) -> dict[str, tuple[str, dict]]:
+    """case -> (method, the mergekit config less merge_method)."""
+    per_layer = [round(0.2 + 0.15 * i, 2) for i in range(num_layers)]  # one value per layer
     srcs = [f["s0"], f["s1"], f["s2"]]
+    base = f["base"]
     return {
-        "linear": {"models": [{"model": f["s0"], "parameters": {"weight": 0.5}},
-                              {"model": f["s1"], "parameters": {"weight": [0.1, 0.7]}},
-                              {"model": f["base"], "parameters": {"weight": 0.3}}]},
-        "task_arithmetic": {"base_model": f["base"], "parameters": {"lambda": 0.8},
-                            "models": [{"model": s, "parameters": {"weight": ATTN_MLP}} for s in srcs]},
-        "ties": {"base_model": f["base"], "parameters": {"density": per_layer},
-                 "models": [{"model": s, "parameters": {"weight": 0.3 + 0.2 * i}} for i, s in enumerate(srcs)]},
-        "breadcrumbs": {"base_model": f["base"], "models": [
-            {"model": s, "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.05}} for s in srcs]},
-        "breadcrumbs_ties": {"base_model": f["base"], "parameters": {"density": ATTN_MLP, "gamma": 0.02},
-                             "models": [{"model": s, "parameters": {"weight": 0.5}} for s in srcs]},
-        "sce": {"base_model": f["base"], "parameters": {"select_topk": 0.5}, "models": [{"model": s} for s in srcs]},
-        "slerp": {"base_model": f["base"], "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.5}]},
-                  "models": [{"model": f["base"]}, {"model": f["s0"]}]},
-        "nuslerp": {"base_model": f["base"], "models": [{"model": f["s0"], "parameters": {"weight": 0.3}},
-                                                          {"model": f["s1"], "parameters": {"weight": 0.7}}]},
-        "nuslerp_rows_nobase": {"parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-                                "models": [{"model": f["s0"], "parameters": {"weight": 0.3}},
-                                           {"model": f["s1"], "parameters": {"weight": 0.7}}]},
-        "multislerp": {"base_model": f["base"],
-                       "models": [{"model": s, "parameters": {"weight": 0.2 + 0.3 * i}} for i, s in enumerate(srcs)]},
-        "model_stock": {"base_model": f["base"], "models": [{"model": s} for s in srcs]},
-        "model_stock_filterwise": {"base_model": f["base"], "parameters": {"filter_wise": True},
-                                   "models": [{"model": s} for s in srcs]},
-        "passthrough": {"models": [{"model": f["s1"], "parameters": {"scale": 0.5}}]},
+        "linear": ("linear", {"models": [
+            {"model": f["s0"], "parameters": {"weight": 0.5}},
+            {"model": f["s1"], "parameters": {"weight": [0.1, 0.7]}},
+            {"model": base, "parameters": {"weight": 0.3}}]}),
+        "linear_unnormalized": ("linear", {"parameters": {"normalize": False, "weight": per_layer},
+                                           "models": [{"model": s} for s in srcs[:2]]}),
+        "task_arithmetic": ("task_arithmetic", {"base_model": base, "parameters": {"lambda": 0.8},
+                            "models": [{"model": s, "parameters": {"weight": ATTN_MLP}} for s in srcs]}),
+        "task_arithmetic_top_level_weight": ("task_arithmetic", {
+            "base_model": base, "parameters": {"weight": SELF_ATTN, "normalize": True},
+            "models": [{"model": srcs[0], "parameters": {"weight": [0.9, 0.1]}}, {"model": srcs[1]}]}),
+        "ties": ("ties", {"base_model": base, "parameters": {"density": per_layer},
+                          "models": [{"model": s, "parameters": {"weight": 0.3 + 0.2 * i}}
+                                     for i, s in enumerate(srcs)]}),
+        "ties_per_model_density": ("ties", {"base_model": base, "parameters": {"weight": 0.5, "normalize": False},
+                                            "models": [{"model": srcs[0], "parameters": {"density": SELF_ATTN[:2] + [{"value": 0.4}]}},
+                                                       {"model": srcs[1], "parameters": {"density": [0.9, 0.2]}}]}),
+        "breadcrumbs": ("breadcrumbs", {"base_model": base, "models": [
+            {"model": s, "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.05}} for s in srcs]}),
+        "breadcrumbs_ties": ("breadcrumbs_ties", {
+            "base_model": base, "parameters": {"density": ATTN_MLP, "gamma": 0.02},
+            "models": [{"model": s, "parameters": {"weight": 0.5}} for s in srcs]}),
+        "sce": ("sce", {"base_model": base, "parameters": {"select_topk": 0.5},
+                        "models": [{"model": s} for s in srcs]}),
+        "slerp": ("slerp", {"base_model": base,
+                            "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.5}]},
+                            "models": [{"model": base}, {"model": f["s0"]}]}),
+        "slerp_per_layer": ("slerp", {"base_model": base, "parameters": {"t": per_layer},
+                                      "models": [{"model": base}, {"model": f["s1"]}]}),
+        "nuslerp": ("nuslerp", {"base_model": base, "models": [
+            {"model": f["s0"], "parameters": {"weight": 0.3}},
+            {"model": f["s1"], "parameters": {"weight": 0.7}}]}),
+        "nuslerp_rows_with_base": ("nuslerp", {
+            "base_model": base, "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "models": [{"model": f["s0"], "parameters": {"weight": [0.2, 0.6]}},
+                       {"model": f["s1"], "parameters": {"weight": 0.7}}]}),
+        "nuslerp_rows_without_base": ("nuslerp", {
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            "models": [{"model": f["s0"], "parameters": {"weight": 0.3}},
+                       {"model": f["s1"], "parameters": {"weight": 0.7}}]}),
+        "nuslerp_columns_without_base": ("nuslerp", {
+            "parameters": {"nuslerp_flatten": False},
+            "models": [{"model": f["s0"], "parameters": {"weight": 0.3}},
+                       {"model": f["s1"], "parameters": {"weight": 0.7}}]}),
+        "multislerp": ("multislerp", {"base_model": base, "models": [
+            {"model": s, "parameters": {"weight": 0.2 + 0.3 * i}} for i, s in enumerate(srcs)]}),
+        "multislerp_without_base": ("multislerp", {"models": [
+            {"model": s, "parameters": {"weight": ATTN_MLP if i == 0 else 0.5}} for i, s in enumerate(srcs)]}),
+        "model_stock": ("model_stock", {"base_model": base, "models": [{"model": s} for s in srcs]}),
+        "model_stock_filter_wise": ("model_stock", {"base_model": base, "parameters": {"filter_wise": True},
+                                                    "models": [{"model": s} for s in srcs]}),
+        "passthrough": ("passthrough", {"models": [{"model": f["s1"], "parameters": {"scale": 0.5}}]}),
+        "passthrough_per_module_scale": ("passthrough", {"models": [
+            {"model": f["s2"], "parameters": {"scale": [{"filter": "mlp", "value": [2.0, 0.5]}, {"value": 1.0}]}}]}),
     }
+
+
+CASES = list(cases({k: k for k in ("base", "s0", "s1", "s2")}, 4))
 
 
 def mergekit_tensors(config: dict, out) -> dict[str, torch.Tensor]:
@@ -58,57 +95,74 @@ def mergekit_tensors(config: dict, out) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    # mergekit leaves out GPT-2's tied lm_head, as the checkpoints do
+    assert set(theirs) == set(ours)
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor.float(), atol=1e-6), name
+
+
 @pytest.fixture(scope="module", params=ARCHS)
 def family(request, families):
     f = families[request.param]
     return f, TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
 
 
-@pytest.mark.parametrize("case", list(cases({k: k for k in ("base", "s0", "s1", "s2")}, 4)))
+@pytest.mark.parametrize("case", CASES)
 def test_method_matches_mergekit(case, family, tmp_path):
     f, tv = family
-    spec = cases(f, tv.num_layers)[case]
-    config = {"merge_method": case.split("_nobase")[0].split("_rows")[0].removesuffix("_filterwise"),
-              "dtype": "float32", **spec}
+    method, spec = cases(f, tv.num_layers)[case]
+    config = {"merge_method": method, "dtype": "float32", **spec}
     ours = dict(tv.merged_tensors(Recipe.from_mergekit(config)))
-    theirs = mergekit_tensors(config, tmp_path / "mk")
-    assert set(theirs) <= set(ours)
-    for name, tensor in theirs.items():
-        assert torch.allclose(ours[name], tensor.float(), atol=1e-6), name
+    assert_same_tensors(ours, mergekit_tensors(config, tmp_path / "mk"))
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp"])
-def test_exported_mergekit_yaml_gives_our_tensors(method, family, tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_exported_mergekit_yaml_gives_our_tensors(case, family, tmp_path):
     f, tv = family
-    recipe = Recipe.from_mergekit({"merge_method": method, **cases(f, tv.num_layers)[method]})
+    method, spec = cases(f, tv.num_layers)[case]
+    recipe = Recipe.from_mergekit({"merge_method": method, **spec})
     config = yaml.safe_load(recipe.to_mergekit_yaml())
     theirs = mergekit_tensors({**config, "dtype": "float32"}, tmp_path / "mk")
-    ours = dict(tv.merged_tensors(recipe))
-    for name, tensor in theirs.items():
-        assert torch.allclose(ours[name], tensor.float(), atol=1e-6), name
+    assert_same_tensors(dict(tv.merged_tensors(recipe)), theirs)
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_exported_slices_recipe_gives_our_tensors(families, tmp_path):
+    # a slices config becomes per-layer lists; exported as models:, mergekit agrees
+    f = families["llama"]
+    src = lambda m, a, b, p=None: {"model": f[m], "layer_range": [a, b], **({"parameters": p} if p else {})}  # noqa: E731
+    recipe = Recipe.from_mergekit({"merge_method": "ties", "base_model": f["base"], "slices": [
+        {"sources": [src("s0", 0, 3, {"weight": [0.2, 0.8]}), src("s1", 0, 3, {"weight": 0.5}), src("base", 0, 3)],
+         "parameters": {"density": 0.6}},
+        {"sources": [src("s0", 3, 4, {"weight": 0.1}), src("s1", 3, 4, {"weight": 0.9}), src("base", 3, 4)],
+         "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}}]})
+    config = yaml.safe_load(recipe.to_mergekit_yaml())
+    assert "slices" not in config
+    theirs = mergekit_tensors({**config, "dtype": "float32"}, tmp_path / "mk")
+    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    assert_same_tensors(dict(tv.merged_tensors(recipe)), theirs)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_random_methods_export_the_same_method_and_parameters(method, families):
     f = families["llama"]
-    recipe = Recipe(method=method, base_model=f["base"], seed=3, models=[
-        {"model": f["s0"], "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.1}},
-        {"model": f["s1"], "parameters": {"weight": [0.2, 0.8], "density": 0.5}}])
+    eps = {"epsilon": 0.1} if method.startswith("della") else {}
+    recipe = Recipe(method=method, base_model=f["base"], seed=3, dtype="bfloat16",
+                    parameters={"lambda": 1.2, "normalize": True, "rescale": False, "density": 0.7},
+                    models=[
+                        {"model": f["s0"], "parameters": {"weight": 0.5, "density": 0.6, **eps}},
+                        {"model": f["s1"], "parameters": {"weight": [0.2, 0.8],
+                                                          "density": [{"filter": "mlp", "value": 0.5},
+                                                                      {"value": 0.4}]}}])
     parsed = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_mergekit_yaml()))
     assert parsed.merge_method == method
-    assert parsed.models[0].parameters["epsilon"] == 0.1
+    assert parsed.base_model.model.path == f["base"]
+    assert parsed.dtype == "bfloat16"
+    assert parsed.parameters == {"lambda": 1.2, "normalize": True, "rescale": False, "density": 0.7}
+    assert [m.model.model.path for m in parsed.models] == [f["s0"], f["s1"]]
+    assert parsed.models[0].parameters == {"weight": 0.5, "density": 0.6, **eps}
     assert parsed.models[1].parameters["weight"] == [0.2, 0.8]
-
-
-def test_random_methods_are_bit_identical_across_runs_and_load_order(families):
-    f = families["llama"]
-    recipe = Recipe(method="dare_ties", base_model=f["base"], seed=11, models=[
-        {"model": f["s0"], "parameters": {"weight": 0.5, "density": 0.4}},
-        {"model": f["s2"], "parameters": {"weight": 0.5, "density": 0.7}}])
-    a = dict(TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu").merged_tensors(recipe))
-    tv = TaskVectors(f["base"], [f["s2"], f["s0"]], device="cpu", cache_random=False)
-    tv.names.reverse()  # tensors processed in the opposite order
-    b = dict(tv.merged_tensors(recipe))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    other = dict(tv.merged_tensors(recipe.model_copy(update={"seed": 12})))
-    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"])
+    density = parsed.models[1].parameters["density"]
+    assert [(c.filter, c.value) for c in density] == [("mlp", 0.5), (None, 0.4)]
+    # and it reads back as the same recipe (the seed is ours alone)
+    assert Recipe.from_mergekit(recipe.to_mergekit_yaml()) == recipe.model_copy(update={"seed": 0})

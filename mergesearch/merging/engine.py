@@ -189,6 +189,6 @@ def load_live_model(model: str | Path, device: torch.device, dtype: str | None =
     from transformers import AutoModelForCausalLM
 
     live = AutoModelForCausalLM.from_pretrained(
-        model, dtype=getattr(torch, dtype) if dtype else "auto",
+        model, dtype=getattr(torch, dtype.removeprefix("torch.")) if dtype else "auto",
         trust_remote_code=trust_remote_code).to(device)
     return live.eval()

@@ -27,6 +27,7 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer_from is not None:
@@ -38,7 +39,6 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
             recipe.save(tmp / "recipe.json")
             (tmp / "mergekit.yaml").write_text(recipe.to_mergekit_yaml())
         _fsync_tree(tmp)
-        old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -47,6 +47,8 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)  # the new folder never arrived: put the previous one back
         raise
     return out
 

@@ -7,6 +7,9 @@ from typing import Any
 from mergesearch.merging.registry import MergeMethod, get_method
 from mergesearch.recipe import Recipe, RecipeError, SourceModel, anchors, evaluate, scalars
 
+# The dtypes a merged model can be written in (mergekit's names, less int64).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
 
 def method_inputs(method: MergeMethod, recipe: Recipe) -> tuple[str | None, list[SourceModel]]:
     """The base and the inputs a method sees: methods without a base role take every listed
@@ -23,6 +26,8 @@ def validate_recipe(recipe: Recipe, num_layers: int | None = None) -> MergeMetho
     except KeyError as e:
         raise RecipeError(f"method: {e.args[0]}") from None
     base, inputs = method_inputs(method, recipe)
+    if recipe.dtype is not None and recipe.dtype.removeprefix("torch.") not in DTYPES:
+        raise RecipeError(f"dtype: {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
     if not recipe.models:
         raise RecipeError("models: at least one source model is needed")
     if method.base == "required" and not base:
