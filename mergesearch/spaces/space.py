@@ -1,20 +1,44 @@
 """SearchSpace: the config's `space` as Optuna distributions, and a trial as a Recipe.
 
-Define-by-run: the method is a categorical; each method's knobs are sampled only when
-that method is chosen, under names prefixed by it (``ties.density.add.g0``). Which knobs
-exist, their defaults and search ranges come from the merge-method registry; the config
-overrides them (``space.methods.<m>.<knob>`` before ``space.params.<knob>``): a value fixes
-a knob, ``[low, high]`` bounds it.
+Define-by-run. The method is a categorical ``method`` (none when only one is searched);
+each method's knobs are sampled only when that method is chosen, under names prefixed by
+it::
 
-Per-model knobs get one dimension per source. Knobs in ``per_layer`` get ``layer_groups``
+    <method>.<knob>                      global knob            ties.lambda
+    <method>.<knob>.<alias>              per-model knob         ties.weight.add
+        ... .g<i>                        layer group i          ties.weight.add.g0
+        ... .attn / .mlp / .other        split_attn_mlp         ties.weight.add.attn.g1
+    <method>.source / <method>.sources   which source(s)        slerp.source, nuslerp.sources
+    <method>.epsilon_frac.<alias>        DELLA's epsilon        della.epsilon_frac.add
+
+Which knobs exist, their defaults and search ranges come from the merge-method registry
+(`Param.search`); the config overrides them, ``space.methods.<m>.<knob>`` before
+``space.params.<knob>``: a value fixes the knob (written verbatim), ``[low, high]`` bounds
+it. Knobs the registry does not search (``search=None``) and booleans stay at the method's
+default unless the config gives a value or a range (``[false, true]`` for a boolean).
+
+Knobs named in ``per_layer`` (per-model or global, e.g. slerp's ``t``) get ``layer_groups``
 values over depth: ``piecewise`` writes one value per layer, constant within each group of
 consecutive layers; ``smooth`` writes the values as anchors the engine interpolates over
-depth. With ``split_attn_mlp`` those knobs get separate values for attention (``attn``
-matches Llama's ``self_attn`` and GPT-2's ``attn``), MLP (``mlp``) and all other tensors.
+depth. ``split_attn_mlp`` gives those knobs three values, written as conditions:
 
-Methods with a fixed number of sources are searched over which sources: ``slerp`` and
-``passthrough`` take one (a categorical), ``nuslerp`` a pair. DELLA's epsilon is sampled as
-a fraction of the largest value its densities allow, so every sampled recipe is valid.
+    [{filter: attn}, {filter: .attention.}, {filter: mlp}, {value: <other>}]
+
+``attn`` matches Llama-family ``self_attn`` and GPT-2 ``attn``, ``.attention.`` matches
+GPT-NeoX (it shares the attention value; ``post_attention_layernorm`` matches neither);
+``mlp`` matches the MLPs of all three; norms, embeddings and the head take the third,
+separately searched value.
+
+Sources. Methods with a base role get ``base_model`` = the base and the sources as
+models. ``linear`` (no base role) averages the sources *and the base*, which gets its own
+weight (``linear.weight.base``), so the search can pull back towards the base. Methods that
+take a fixed number of sources are searched over which ones: slerp and passthrough take
+one (a categorical over aliases), nuslerp a pair (a categorical over ``a+b`` pairs).
+
+DELLA's epsilon must keep density +/- epsilon inside (0, 1): it is sampled as a fraction
+of its range capped by the densities this source drew, so every recipe is valid (the
+range's low end yields when a density near 0 or 1 leaves less room). A fixed epsilon
+narrows the density range instead.
 """
 
 from __future__ import annotations
@@ -23,159 +47,226 @@ from itertools import combinations
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from mergesearch.config import ConfigError, Space
-from mergesearch.merging.registry import MergeMethod, Param, get_method
-from mergesearch.recipe import Recipe
+from mergesearch.merging.registry import MergeMethod, Param, all_methods, get_method
+from mergesearch.recipe import Recipe, evaluate, layer_t
 
-SPLIT = (("attn", "attn"), ("mlp", "mlp"))  # (dimension suffix, tensor-name filter)
+ATTN_FILTERS = ("attn", ".attention.")  # Llama family, GPT-2 / GPT-NeoX
+MLP_FILTERS = ("mlp",)
+BASE_ALIAS = "base"  # linear's name for the base model among its inputs
+_EDGE = 1e-6  # keeps density strictly inside (epsilon, 1 - epsilon)
+
+Spec = Any  # a knob in this space: a distribution, a fixed value, or None (the default)
 
 
 class SearchSpace:
-    def __init__(self, space: Space, base: str, sources: dict[str, str], num_layers: int,
+    def __init__(self, space: Space, base: str | None, sources: dict[str, str], num_layers: int,
                  seed: int = 0):
-        self.space, self.base, self.sources = space, base, dict(sources)
+        self.space, self.base, self.sources = space, base or None, dict(sources)
         self.num_layers, self.seed = num_layers, seed
         self.methods: dict[str, MergeMethod] = {m: get_method(m) for m in space.methods}
-        if space.layer_groups > num_layers:
-            raise ConfigError(f"space.layer_groups: {space.layer_groups} groups for a model of "
-                              f"{num_layers} layers")
-        for name, method in self.methods.items():
-            if len(self.sources) < method.min_sources:
-                raise ConfigError(f"space.methods.{name}: needs at least {method.min_sources} sources, "
-                                  f"the config has {len(self.sources)}")
+        self._check_models()
+        # method -> knob -> spec, settled once so that sampling only reads it
+        self.knobs = {m: {p.name: self._spec(method, p) for p in method.params}
+                      for m, method in self.methods.items()}
+        for method in self.methods.values():
+            if method.param("epsilon"):
+                self._fit_density_to_epsilon(method)
 
-    # ---- sampling ---------------------------------------------------------------------
+    # ---- trial -> recipe ---------------------------------------------------------------
 
     def sample(self, trial: optuna.Trial) -> Recipe:
         names = list(self.methods)
         name = names[0] if len(names) == 1 else trial.suggest_categorical("method", names)
         method = self.methods[name]
-        aliases = self._choose_sources(trial, method)
-        params: dict[str, Any] = {}
+        params = {}
         for p in method.global_params:
-            value = self._knob(trial, method, p, f"{name}.{p.name}")
-            if value is not None:
-                params[p.name] = value
+            params[p.name] = self._value(trial, method, p, f"{name}.{p.name}")
         models = []
-        for alias in aliases:
+        for alias, path in self._inputs(trial, method):
             per: dict[str, Any] = {}
             for p in method.per_model_params:
-                if p.name == "epsilon":
-                    continue
-                value = self._per_model(trial, method, p, f"{name}.{p.name}.{alias}")
-                if value is not None:
-                    per[p.name] = value
-            if method.param("epsilon"):
-                eps = self._epsilon(trial, method, f"{name}.epsilon.{alias}", per.get("density", 1.0))
-                if eps is not None:
-                    per["epsilon"] = eps
-            models.append({"model": self.sources[alias], "parameters": per})
+                if p.name == "epsilon":  # after density: the registry lists it later
+                    per[p.name] = self._epsilon(trial, method, alias, per.get("density"))
+                else:
+                    per[p.name] = self._value(trial, method, p, f"{name}.{p.name}.{alias}")
+            models.append({"model": path, "parameters": _set(per)})
         return Recipe(method=name, base_model=None if method.base == "none" else self.base,
-                      models=models, parameters=params, seed=self.seed)
+                      models=models, parameters=_set(params), seed=self.seed)
 
     def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
-        """Rebuild a trial's recipe from its parameters alone."""
+        """Rebuild a trial's recipe from its ``params`` alone (resume, enqueued trials)."""
         return self.sample(optuna.trial.FixedTrial(params))
 
-    # ---- pieces -----------------------------------------------------------------------
+    def dimensions(self, method: str | None = None) -> dict[str, BaseDistribution]:
+        """Every dimension a trial may sample (of one method, or of all with ``method``)."""
+        if method is not None and method not in self.methods:
+            raise ConfigError(f"space.methods: {method!r} is not searched here; "
+                              f"searched: {', '.join(self.methods)}")
+        dims: dict[str, BaseDistribution] = {}
+        for m in [method] if method else self.methods:
+            key, choices = self._source_choices(self.methods[m])
+            for choice in choices or [None]:
+                self.sample(_Recorder(dims, {"method": m, key: choice}))
+        if method:
+            dims.pop("method", None)
+        return dims
 
-    def _choose_sources(self, trial: optuna.Trial, method: MergeMethod) -> list[str]:
+    # ---- pieces ------------------------------------------------------------------------
+
+    def _inputs(self, trial: optuna.Trial, method: MergeMethod) -> list[tuple[str, str]]:
+        """(alias, path) of the models the method merges, choosing some where it takes a
+        fixed number; linear also averages the base."""
         aliases = list(self.sources)
-        if method.max_sources is None or len(aliases) <= method.max_sources:
-            return aliases
+        key, choices = self._source_choices(method)
+        if choices:
+            aliases = trial.suggest_categorical(key, choices).split("+")
+        inputs = [(a, self.sources[a]) for a in aliases]
+        if method.base == "none" and method.param("weight") and self.base:
+            inputs.insert(0, (BASE_ALIAS, self.base))
+        return inputs
+
+    def _source_choices(self, method: MergeMethod) -> tuple[str, list[str] | None]:
         k = method.max_sources
+        if k is None or len(self.sources) <= k:
+            return "", None
         if k == 1:
-            return [trial.suggest_categorical(f"{method.name}.source", aliases)]
-        options = ["+".join(c) for c in combinations(aliases, k)]
-        return trial.suggest_categorical(f"{method.name}.sources", options).split("+")
+            return f"{method.name}.source", list(self.sources)
+        return f"{method.name}.sources", ["+".join(c) for c in combinations(self.sources, k)]
 
-    def _override(self, method: MergeMethod, p: Param) -> Any:
-        own = self.space.methods.get(method.name, {})
-        return own.get(p.name, self.space.params.get(p.name))
-
-    def _range(self, method: MergeMethod, p: Param) -> tuple[float, float] | None:
-        bound = self._override(method, p)
-        if isinstance(bound, list):
-            return bound[0], bound[1]
-        if bound is not None or p.type is bool:
-            return None
-        return p.search
-
-    def _knob(self, trial: optuna.Trial, method: MergeMethod, p: Param, key: str) -> Any:
-        """One value: fixed by the config, sampled in its range, or left to the default."""
-        bound = self._override(method, p)
-        if p.type is bool:
-            if isinstance(bound, list):
-                return trial.suggest_categorical(key, sorted(set(bound)))
-            return bound
-        if bound is not None and not isinstance(bound, list):
-            return bound
-        rng = self._range(method, p)
-        return None if rng is None else trial.suggest_float(key, *rng)
-
-    def _per_model(self, trial: optuna.Trial, method: MergeMethod, p: Param, key: str) -> Any:
-        if p.name not in self.space.per_layer or self._range(method, p) is None:
-            return self._knob(trial, method, p, key)
+    def _value(self, trial: optuna.Trial, method: MergeMethod, p: Param, key: str) -> Any:
+        spec = self.knobs[method.name][p.name]
+        if not isinstance(spec, FloatDistribution) or p.name not in self.space.per_layer:
+            return _suggest(trial, key, spec)
         if not self.space.split_attn_mlp:
-            return self._over_depth(trial, method, p, key)
-        value = [{"filter": f, "value": self._over_depth(trial, method, p, f"{key}.{suffix}")}
-                 for suffix, f in SPLIT]
-        return value + [{"value": self._over_depth(trial, method, p, f"{key}.other")}]
+            return self._over_depth(trial, key, spec)
+        attn, mlp, other = (self._over_depth(trial, f"{key}.{part}", spec)
+                            for part in ("attn", "mlp", "other"))
+        return ([{"filter": f, "value": attn} for f in ATTN_FILTERS]
+                + [{"filter": f, "value": mlp} for f in MLP_FILTERS] + [{"value": other}])
 
-    def _over_depth(self, trial: optuna.Trial, method: MergeMethod, p: Param, key: str) -> Any:
+    def _over_depth(self, trial: optuna.Trial, key: str, spec: FloatDistribution) -> Any:
         groups = self.space.layer_groups
         if groups == 1:
-            return self._knob(trial, method, p, key)
-        values = [self._knob(trial, method, p, f"{key}.g{g}") for g in range(groups)]
+            return _suggest(trial, key, spec)
+        values = [_suggest(trial, f"{key}.g{g}", spec) for g in range(groups)]
         if self.space.layer_mode == "smooth":
             return values  # anchors, interpolated over depth by the engine
         return [values[layer * groups // self.num_layers] for layer in range(self.num_layers)]
 
-    def _epsilon(self, trial: optuna.Trial, method: MergeMethod, key: str, density: Any) -> Any:
-        p = method.param("epsilon")
-        bound = self._override(method, p)
+    def _epsilon(self, trial: optuna.Trial, method: MergeMethod, alias: str, density: Any) -> Any:
+        spec = self.knobs[method.name]["epsilon"]
+        if not isinstance(spec, FloatDistribution):
+            return spec
+        # density d < 1 needs epsilon < min(d, 1 - d) at every layer and tensor kind
+        ds = [d for d in self._resolved(density) if d < 1]
+        cap = min((min(d, 1 - d) for d in ds), default=spec.high) * (1 - 1e-3)
+        high = min(spec.high, cap)
+        low = min(spec.low, high)
+        frac = trial.suggest_float(f"{method.name}.epsilon_frac.{alias}", 0.0, 1.0)
+        return low + frac * (high - low)
+
+    def _resolved(self, value: Any) -> list[float]:
+        """The numbers a sampled value takes over every layer, for every tensor kind."""
+        if value is None:
+            return []
+        kinds = [value]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            kinds = [c["value"] for c in value]  # split_attn_mlp conditions
+        ts = [layer_t(layer, self.num_layers) for layer in range(self.num_layers)]
+        return [evaluate(v, "", t) for v in kinds for t in ts]
+
+    # ---- construction: settle and check every knob -------------------------------------
+
+    def _spec(self, method: MergeMethod, p: Param) -> Spec:
+        own = self.space.methods.get(method.name, {})
+        field = f"space.methods.{method.name}.{p.name}" if p.name in own else f"space.params.{p.name}"
+        bound = own.get(p.name, self.space.params.get(p.name))
+        for v in bound if isinstance(bound, list) else [] if bound is None else [bound]:
+            problem = p.check(v)
+            if problem:
+                raise ConfigError(f"{field}: {problem}" + ("" if p.name in own else f" (for {method.name})"))
+        if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
+            raise ConfigError(f"{field}: a range is [low, high] with low <= high")
         if bound is not None and not isinstance(bound, list):
             return bound
-        hi = (self._range(method, p) or (p.default, p.default))[1]
-        # the widest epsilon every density of this model allows: d - e > 0 and d + e < 1
-        ds = [d for d in _numbers(density) if d < 1] or [0.5]
-        room = min(min(d, 1 - d) for d in ds) * 0.999
-        return min(hi, room) * trial.suggest_float(f"{key}_frac", 0.0, 1.0)
+        if p.type is bool:
+            return CategoricalDistribution(sorted(set(bound))) if bound else None
+        low_high = bound or p.search
+        if low_high is None and p.required:
+            raise ConfigError(f"space.methods.{method.name}.{p.name}: required by {method.name} "
+                              f"and not searched by default; give a value or [low, high]")
+        return FloatDistribution(*low_high) if low_high else None
 
-    # ---- description ------------------------------------------------------------------
+    def _fit_density_to_epsilon(self, method: MergeMethod) -> None:
+        """A fixed (or default) epsilon e: keep density inside (e, 1 - e)."""
+        knobs = self.knobs[method.name]
+        e = knobs["epsilon"] if knobs["epsilon"] is not None else method.param("epsilon").default
+        d = knobs["density"]
+        if isinstance(e, FloatDistribution) or d is None:
+            return
+        where = f"space.methods.{method.name}.density"
+        if isinstance(d, FloatDistribution):
+            low, high = max(d.low, e + _EDGE), min(d.high, 1 - e - _EDGE)
+            if low > high:
+                raise ConfigError(f"{where}: no density in [{d.low}, {d.high}] keeps density "
+                                  f"+/- epsilon {e} inside (0, 1)")
+            knobs["density"] = FloatDistribution(low, high)
+        elif d < 1 and not e < d < 1 - e:
+            raise ConfigError(f"{where}: density {d} +/- epsilon {e} must stay inside (0, 1)")
 
-    def dimensions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        """Every dimension any trial may sample (union over methods and sources)."""
-        dims: dict[str, optuna.distributions.BaseDistribution] = {}
+    def _check_models(self) -> None:
+        space = self.space
+        if self.num_layers < 1:
+            raise ConfigError(f"models.base: a model with {self.num_layers} layers")
+        if space.layer_groups > self.num_layers:
+            raise ConfigError(f"space.layer_groups: {space.layer_groups} groups for a model of "
+                              f"{self.num_layers} layers")
+        known = {p.name for m in all_methods().values() for p in m.params}
+        for knob in space.per_layer:
+            if knob not in known:
+                raise ConfigError(f"space.per_layer: {knob!r} is not a knob of any merge method")
+        paths = [self.base] if self.base else []
+        for alias, path in self.sources.items():
+            if path in paths:
+                raise ConfigError(f"models.sources.{alias}: {path} is listed twice (or is the base)")
+            paths.append(path)
+        for name, method in self.methods.items():
+            if method.base == "required" and not self.base:
+                raise ConfigError(f"space.methods.{name}: {name} needs a base model (models.base)")
+            if len(self.sources) < method.min_sources:
+                raise ConfigError(f"space.methods.{name}: needs at least {method.min_sources} "
+                                  f"sources, the config has {len(self.sources)}")
+            if method.base == "none" and method.param("weight") and BASE_ALIAS in self.sources:
+                raise ConfigError(f"models.sources.{BASE_ALIAS}: {name} names the base model's "
+                                  f"knobs '{BASE_ALIAS}'; give this source another alias")
 
-        class Recorder:
-            def suggest_float(self, name, low, high, **_):
-                dims[name] = optuna.distributions.FloatDistribution(low, high)
-                return (low + high) / 2
 
-            def suggest_categorical(self, name, choices):
-                dims[name] = optuna.distributions.CategoricalDistribution(choices)
-                return self.choice.get(name, choices[0])
-
-        rec = Recorder()
-        for m in self.methods:
-            method = self.methods[m]
-            options: list[dict[str, Any]] = [{"method": m}]
-            if method.max_sources is not None and len(self.sources) > method.max_sources:
-                key = f"{m}.source" if method.max_sources == 1 else f"{m}.sources"
-                choices = (list(self.sources) if method.max_sources == 1 else
-                           ["+".join(c) for c in combinations(self.sources, method.max_sources)])
-                options = [{"method": m, key: c} for c in choices]
-            for choice in options:
-                rec.choice = choice
-                self.sample(rec)
-        return dims
+def _suggest(trial: optuna.Trial, key: str, spec: Spec) -> Any:
+    if isinstance(spec, FloatDistribution):
+        return trial.suggest_float(key, spec.low, spec.high)
+    if isinstance(spec, CategoricalDistribution):
+        return trial.suggest_categorical(key, spec.choices)
+    return spec  # fixed by the config, or None: the method's default
 
 
-def _numbers(value: Any) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
-    if isinstance(value, list):
-        return [x for v in value for x in _numbers(v.get("value") if isinstance(v, dict) else v)]
-    return []
+def _set(params: dict[str, Any]) -> dict[str, Any]:
+    """Leave knobs at their default out of the recipe."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class _Recorder:
+    """A stand-in trial that records what `sample` asks for (see `dimensions`)."""
+
+    def __init__(self, dims: dict[str, BaseDistribution], choices: dict[str, Any]):
+        self.dims, self.choices = dims, choices
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        self.dims[name] = FloatDistribution(low, high)
+        return (low + high) / 2
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        self.dims[name] = CategoricalDistribution(choices)
+        return self.choices.get(name, choices[0])
