@@ -1,7 +1,8 @@
 """The driver: asynchronous ask/tell over a pool of Ray workers.
 
-Every worker is kept busy: as soon as one returns, its result is told to the study and a
-new trial is asked for it, so a slow candidate never idles the rest. Each trial carries
+Every worker is kept busy: each holds one candidate running and one queued, so it starts
+the next as soon as it finishes, while the driver tells the result and asks a new trial;
+a slow candidate never idles the rest. Each trial carries
 its recipe, scores, timings, worker and error. A dead worker is replaced and its trial
 retried a bounded number of times; an identical recipe is never evaluated twice.
 """
@@ -28,6 +29,13 @@ from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.samplers import build_sampler
 from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
 from mergesearch.search.worker import ray_worker_class, resolve_models
+
+# Candidates held per worker: one running and one queued behind it, which hides the
+# driver's ask/tell/storage time from the workers.
+SLOTS_PER_WORKER = 2
+# The front shown in the progress line is recomputed at most this often (it reads every
+# trial), and never taking more than a tenth of the driver's time.
+FRONT_EVERY_S = 1.0
 
 ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
                    "HF_ALLOW_CODE_EVAL", "PYTHONPATH")
@@ -62,6 +70,7 @@ class _InFlight:
     recipe: Recipe
     worker: int
     attempts: int = 1
+    actor: Any = None
     submitted: float = 0.0
 
 
@@ -160,7 +169,7 @@ class Runner:
         progress.started = time.time()
         in_flight: dict[Any, _InFlight] = {}
         waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
-        idle = list(range(len(self.workers)))
+        idle = list(range(len(self.workers))) * SLOTS_PER_WORKER  # free slots, by worker
 
         def budget_left() -> bool:
             if deadline is not None and time.time() >= deadline:
@@ -213,7 +222,8 @@ class Runner:
                         except ray.exceptions.RayActorError as e:
                             # The worker died (killed, OOM-killed, node lost): replace it and
                             # retry this trial on the new one, a bounded number of times.
-                            self.workers[job.worker] = self._spawn(job.worker)
+                            if self.workers[job.worker] is job.actor:  # not yet replaced
+                                self.workers[job.worker] = self._spawn(job.worker)
                             if job.attempts <= self.config.workers.max_retries:
                                 job.attempts += 1
                                 self._submit(in_flight, job)
@@ -223,6 +233,8 @@ class Runner:
                         idle.append(job.worker)
                         self._record(job, result, finish, seen, waiting_on)
                         self._update_front(study, progress)
+                self._update_front(study, progress, force=True)
+                self.on_progress(progress)
             if stop.is_set():
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -262,7 +274,8 @@ class Runner:
 
     def _submit(self, in_flight: dict, job: _InFlight) -> None:
         job.submitted = time.time()
-        ref = self.workers[job.worker].evaluate.remote(job.recipe.model_dump_json())
+        job.actor = self.workers[job.worker]
+        ref = job.actor.evaluate.remote(job.recipe.model_dump_json())
         in_flight[ref] = job
 
     def _record(self, job: _InFlight, result: dict, finish, seen, waiting_on) -> None:
@@ -290,10 +303,15 @@ class Runner:
                 extra["error"] = f"duplicate of failed trial {job.trial.number}"
             finish(dup, values, extra)
 
-    def _update_front(self, study: optuna.Study, progress: Progress) -> None:
+    def _update_front(self, study: optuna.Study, progress: Progress, force: bool = False) -> None:
         from mergesearch.search.front import pareto_front
 
+        now = time.perf_counter()
+        if not force and now < getattr(self, "_front_due", 0.0):
+            return
         front = pareto_front(study)
+        took = time.perf_counter() - now
+        self._front_due = now + max(FRONT_EVERY_S, 10 * took)
         progress.front_size = len(front)
         best = {}
         for i, o in enumerate(self.config.objectives):
