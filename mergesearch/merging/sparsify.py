@@ -20,50 +20,57 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     return masked * (before / after)
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of a flat tensor, exactly, in a few linear passes.
+def _count(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask))  # ~10x faster than summing booleans
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th smallest (1-based) of a flat tensor, exactly, and how many entries are
+    strictly smaller than it, in a few linear passes.
 
     A strided sample brackets the answer; only the entries inside the bracket are
     selected over. Falls back to `kthvalue` when the bracket misses (rare)."""
     n = values.numel()
-    if n <= 1 << 16:
-        return torch.kthvalue(values, k).values
-    step = n // (1 << 14)
-    sample = values[::step].sort().values
-    q = k / n * (sample.numel() - 1)
-    margin = 4 * (sample.numel() ** 0.5) + 2
-    lo = sample[max(0, int(q - margin))]
-    hi = sample[min(sample.numel() - 1, int(q + margin) + 1)]
-    below = int((values < lo).sum())
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        return torch.kthvalue(inside, k - below).values
-    return torch.kthvalue(values, k).values
+    if n > 1 << 16:
+        step = n // (1 << 14)
+        sample = values[::step].sort().values
+        q = k / n * (sample.numel() - 1)
+        margin = 2 * (sample.numel() ** 0.5) + 2  # >= 4 sd of a sample quantile's rank
+        lo = sample[max(0, int(q - margin))]
+        hi = sample[min(sample.numel() - 1, int(q + margin) + 1)]
+        at_least_lo = values >= lo
+        below = n - _count(at_least_lo)
+        inside = values[at_least_lo & (values <= hi)]
+        if below < k <= below + inside.numel():
+            kth = torch.kthvalue(inside, k - below).values
+            return kth, below + _count(inside < kth)
+    kth = torch.kthvalue(values, k).values
+    return kth, _count(values < kth)
 
 
 def select_range(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Boolean mask of the entries ranked start..stop-1 in ascending order (exactly
     stop - start of them; among equal values, the earlier ones come first)."""
     n = values.numel()
-    mask = torch.ones(n, dtype=torch.bool, device=values.device)
+    if stop >= n:
+        return _rank_at_least(values, start) if start > 0 else torch.ones_like(values, dtype=torch.bool)
+    mask = ~_rank_at_least(values, stop)
     if start > 0:
         mask &= _rank_at_least(values, start)
-    if stop < n:
-        mask &= ~_rank_at_least(values, stop)
     return mask
 
 
 def _rank_at_least(values: torch.Tensor, r: int) -> torch.Tensor:
     """Mask of the entries whose ascending rank is >= r (ties broken by position)."""
-    thr = kth_smallest(values, r + 1)
-    mask = values > thr
-    equal = values == thr
-    n_less = int((values < thr).sum())
+    thr, n_less = kth_smallest(values, r + 1)
+    mask = values >= thr
     # of the entries equal to thr, those at rank >= r are all but the first r - n_less
+    # (none to drop unless thr is tied, so the common case is the one pass above)
     skip = r - n_less
     if skip > 0:
-        equal &= equal.cumsum(0) > skip
-    return mask | equal
+        equal = values == thr
+        mask &= ~equal | (equal.cumsum(0) > skip)
+    return mask
 
 
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
@@ -75,7 +82,7 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> to
     n = tensor.numel()
     k = max(1, int(density * n))
     keep = select_range(tensor.abs().reshape(-1), n - k, n)
-    return rescaled(tensor, keep.reshape(tensor.shape).to(tensor.dtype), rescale)
+    return rescaled(tensor, keep.reshape(tensor.shape), rescale)
 
 
 def magnitude_outliers(
@@ -91,7 +98,7 @@ def magnitude_outliers(
     if target == 0:
         return rescaled(tensor, torch.zeros_like(tensor), rescale)
     keep = select_range(tensor.abs().reshape(-1), n_bottom, n_bottom + target)
-    return rescaled(tensor, keep.reshape(tensor.shape).to(tensor.dtype), rescale)
+    return rescaled(tensor, keep.reshape(tensor.shape), rescale)
 
 
 def bernoulli(
@@ -100,7 +107,7 @@ def bernoulli(
     """DARE: keep each entry with probability ``density``."""
     if density >= 1:
         return tensor
-    return rescaled(tensor, (uniform < density).to(tensor.dtype), rescale)
+    return rescaled(tensor, uniform < density, rescale)
 
 
 def della_magprune(
@@ -116,9 +123,12 @@ def della_magprune(
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density +/- epsilon inside (0, 1)")
     rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty_like(order)  # the inverse permutation: argsort of argsort, one sort
+    ranks.scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
+    ranks = ranks.to(torch.float32)
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = (uniform.reshape(rows.shape) < probs).to(tensor.dtype)
+    mask = uniform.reshape(rows.shape) < probs
     return rescaled(rows, mask, rescale).reshape(tensor.shape)
