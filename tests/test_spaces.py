@@ -112,6 +112,36 @@ def test_knobs_are_conditional_on_the_method():
         assert any(k.startswith(recipe.method + ".") for k in trial.params)
 
 
+def test_a_flat_space_samples_every_methods_knobs_and_builds_the_same_recipe():
+    conditional = SearchSpace(Space(methods=["ties", "dare_ties"]), BASE, SOURCES, 4, seed=9)
+    flat = SearchSpace(Space(methods=["ties", "dare_ties"]), BASE, SOURCES, 4, seed=9, flat=True)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(6):
+        trial = study.ask()
+        recipe = flat.sample(trial)
+        assert any(k.startswith("ties.") for k in trial.params)
+        assert any(k.startswith("dare_ties.") for k in trial.params)
+        assert conditional.recipe_from_params(trial.params) == recipe
+        study.tell(trial, 0.0)
+
+
+def test_nsga2_evolves_every_knob_of_a_flat_space_but_only_the_method_of_a_conditional_one():
+    def relative_dims(flat: bool) -> set[str]:
+        ss = SearchSpace(Space(methods=["ties", "dare_ties"]), BASE, SOURCES, 4, flat=flat)
+        sampler = optuna.samplers.NSGAIISampler(population_size=4, seed=0)
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        for i in range(8):
+            trial = study.ask()
+            ss.sample(trial)
+            study.tell(trial, [i % 3, i % 2])
+        return set(sampler.infer_relative_search_space(study, study.ask()))
+
+    assert relative_dims(flat=False) == {"method"}
+    flat_dims = relative_dims(flat=True)
+    assert {"method", "ties.weight.add", "ties.density.sort", "dare_ties.weight.rev"} <= flat_dims
+    assert len(flat_dims) == 15  # method + 2 methods x (lambda + 3 sources x (weight, density))
+
+
 def test_knobs_the_registry_does_not_search_stay_at_their_default():
     _, [(trial, recipe)] = sample(Space(methods=["task_arithmetic"]))
     assert sorted(trial.params) == ["task_arithmetic.lambda", "task_arithmetic.weight.add",

@@ -26,7 +26,7 @@ from mergesearch.config import Config
 from mergesearch.errors import StudyError
 from mergesearch.recipe import Recipe
 from mergesearch.search.front import REFERENCES_ATTR
-from mergesearch.search.samplers import build_sampler
+from mergesearch.search.samplers import build_sampler, needs_flat_space
 from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
 from mergesearch.search.worker import ray_worker_class, resolve_models
 
@@ -147,7 +147,8 @@ class Runner:
         # A resumed sampler is seeded past the trials it has seen, so that it does not
         # replay its first proposals (which would only be duplicates now).
         study.sampler = build_sampler(self.config, offset=len(study.trials))
-        space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed)
+        space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed,
+                            flat=needs_flat_space(self.config))
         recover_orphans(study)
         driver = Driver(study)
 

@@ -26,3 +26,10 @@ def build_sampler(config: Config, offset: int = 0) -> optuna.samplers.BaseSample
         # Categorical knobs (the method) fall back to independent sampling under CMA-ES.
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise ValueError(f"sampler.name: unknown sampler {s.name!r}")  # guarded by the schema
+
+
+def needs_flat_space(config: Config) -> bool:
+    """Whether the sampler evolves only the dimensions every trial shares (Optuna's
+    intersection search space): then all methods' knobs are sampled in every trial, or a
+    study over several methods would evolve the method and draw every knob at random."""
+    return config.sampler.name in ("nsga2", "nsga3", "gp", "cmaes") and len(config.space.methods) > 1

@@ -63,9 +63,9 @@ Spec = Any  # a knob in this space: a distribution, a fixed value, or None (the 
 
 class SearchSpace:
     def __init__(self, space: Space, base: str | None, sources: dict[str, str], num_layers: int,
-                 seed: int = 0):
+                 seed: int = 0, flat: bool = False):
         self.space, self.base, self.sources = space, base or None, dict(sources)
-        self.num_layers, self.seed = num_layers, seed
+        self.num_layers, self.seed, self.flat = num_layers, seed, flat
         self.methods: dict[str, MergeMethod] = {m: get_method(m) for m in space.methods}
         self._check_models()
         # method -> knob -> spec, settled once so that sampling only reads it
@@ -78,8 +78,16 @@ class SearchSpace:
     # ---- trial -> recipe ---------------------------------------------------------------
 
     def sample(self, trial: optuna.Trial) -> Recipe:
+        """The trial's recipe. With ``flat``, every method's knobs are sampled in every
+        trial (those of the methods not chosen go unused): samplers that evolve only the
+        dimensions all trials share (NSGA-II/III, GP, CMA-ES) then evolve every knob
+        instead of the method alone."""
         names = list(self.methods)
         name = names[0] if len(names) == 1 else trial.suggest_categorical("method", names)
+        recipes = {m: self._recipe(trial, m) for m in (names if self.flat else [name])}
+        return recipes[name]
+
+    def _recipe(self, trial: optuna.Trial, name: str) -> Recipe:
         method = self.methods[name]
         params = {}
         for p in method.global_params:
