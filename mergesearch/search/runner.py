@@ -144,13 +144,13 @@ class Runner:
         num_layers = Checkpoint.open(self.base).num_layers
         study = create_or_load(self.config)
         self.study = study
-        # A resumed sampler is seeded past the trials it has seen, so that it does not
-        # replay its first proposals (which would only be duplicates now).
-        study.sampler = build_sampler(self.config, offset=len(study.trials))
         space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed,
                             flat=needs_flat_space(self.config))
         recover_orphans(study)
         driver = Driver(study)
+        # A resumed sampler is seeded past the trials it has seen, and a driver joining
+        # others past theirs, so that it does not replay proposals already made.
+        study.sampler = build_sampler(self.config, offset=len(study.trials) + 7919 * driver.rank())
 
         start_ray(self.config)
         self._start_workers()
@@ -175,7 +175,23 @@ class Runner:
         def budget_left() -> bool:
             if deadline is not None and time.time() >= deadline:
                 return False
-            return budget is None or done + len(in_flight) + sum(map(len, waiting_on.values())) < budget
+            if budget is None:
+                return True
+            # Read from the storage: other drivers may share the study. Their results
+            # also join `seen`, so that no driver evaluates a recipe another has scored.
+            used = 0
+            for t in study.get_trials(deepcopy=False):
+                used += counted(t) or t.state == TrialState.RUNNING
+                if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs:
+                    seen.setdefault(t.user_attrs["recipe_hash"], dict(zip(self.objectives, t.values)))
+            return used < budget
+
+        def fits_budget(trial: optuna.trial.Trial) -> bool:
+            """Whether the trials numbered before this one leave room for it: drivers that
+            ask at the same moment agree on which of their trials is one too many."""
+            ahead = sum(counted(t) or t.state == TrialState.RUNNING
+                        for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+            return ahead < budget
 
         def finish(trial, values: dict[str, float] | None, attrs: dict[str, Any]) -> None:
             nonlocal done
@@ -197,6 +213,10 @@ class Runner:
                     while idle and budget_left() and not stop.is_set():
                         trial = study.ask()
                         trial.set_user_attr("driver", driver.id)
+                        if budget is not None and not fits_budget(trial):
+                            trial.set_user_attr("over_budget", True)  # another driver took its place
+                            study.tell(trial, state=TrialState.FAIL)
+                            break
                         recipe = space.sample(trial)
                         h = recipe.hash()
                         trial.set_user_attr("recipe", recipe.model_dump(mode="json"))

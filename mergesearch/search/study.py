@@ -84,8 +84,11 @@ def create_or_load(config: Config) -> optuna.Study:
     try:
         study = optuna.load_study(study_name=config.study.name, storage=storage)
     except KeyError:
-        study = optuna.create_study(study_name=config.study.name, storage=storage,
-                                    directions=directions(config))
+        try:
+            study = optuna.create_study(study_name=config.study.name, storage=storage,
+                                        directions=directions(config))
+        except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now
+            return create_or_load(config)
         with warnings.catch_warnings():  # experimental in Optuna, stable enough for names
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
@@ -167,6 +170,16 @@ class Driver:
             self.study.set_user_attr(DRIVER_PREFIX + self.id, now)
             self._last = now
 
+    def rank(self) -> int:
+        """How many live drivers of this study registered before this one: drivers that
+        start together get distinct ranks, whatever the order of their reads and writes."""
+        attrs = self.study.user_attrs
+        mine = (attrs.get(DRIVER_PREFIX + self.id, 0.0), self.id)
+        others = [(beat, key.removeprefix(DRIVER_PREFIX)) for key, beat in attrs.items()
+                  if key.startswith(DRIVER_PREFIX) and key != DRIVER_PREFIX + self.id
+                  and driver_alive(attrs, key.removeprefix(DRIVER_PREFIX))]
+        return sum(other < mine for other in others)
+
     def stop(self) -> None:
         self.study.set_user_attr(DRIVER_PREFIX + self.id, 0.0)
 
@@ -213,7 +226,9 @@ def recover_orphans(study: optuna.Study, reason: str = "its driver died") -> lis
 
 def counted(trial: FrozenTrial) -> bool:
     """Trials that use the budget: finished ones, except those re-queued after an
-    interruption (their re-run is counted instead)."""
+    interruption (their re-run is counted instead) and those a driver asked for when
+    other drivers had used the budget up."""
     if trial.state == TrialState.COMPLETE:
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get("requeued")
+    return (trial.state == TrialState.FAIL and not trial.user_attrs.get("requeued")
+            and not trial.user_attrs.get("over_budget"))
