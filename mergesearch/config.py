@@ -76,6 +76,8 @@ class Space(_Strict):
     split_attn_mlp: bool = Field(False, description="Separate values for attention and MLP tensors")
     per_layer: list[str] = Field(default_factory=lambda: ["weight", "density"],
                                  description="Which per-model knobs vary over layers")
+    lines: bool = Field(False, description="Also search a LiNeS layer schedule (alpha, beta) "
+                        "on the merged task vector of every method with a base model")
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -40,6 +40,15 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the field or file."""
 
 
+class Lines(BaseModel):
+    """LiNeS: the merged task vector of layer l of L scaled by alpha + beta * l / (L - 1)
+    (tensors outside the layers by alpha); see `mergesearch.merging.lines`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alpha: float = 1.0
+    beta: float = 0.0
+
+
 class SourceModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str
@@ -57,11 +66,15 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     seed: int = 0
     dtype: str | None = None
+    lines: Lines | None = None  # a LiNeS layer schedule on top of the method
 
     # ---- identity -------------------------------------------------------------------
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # `lines` enters only when set, so recipes without it keep their hashes
+        exclude = {"lines"} if self.lines is None else None
+        return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True,
+                          separators=(",", ":"))
 
     def hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
@@ -102,6 +115,9 @@ class Recipe(BaseModel):
     # ---- mergekit YAML --------------------------------------------------------------
 
     def to_mergekit(self) -> dict[str, Any]:
+        """mergekit's config for this recipe; RecipeError where mergekit 0.1.5 cannot
+        express it (a method it lacks; LiNeS other than through a GTA method's lambda)."""
+        parameters = self._mergekit_parameters()
         out: dict[str, Any] = {
             "merge_method": self.method,
             "models": [
@@ -111,11 +127,40 @@ class Recipe(BaseModel):
         }
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        if self.parameters:
-            out["parameters"] = _dump(self.parameters)
+        if parameters:
+            out["parameters"] = _dump(parameters)
         if self.dtype:
             out["dtype"] = self.dtype
         return out
+
+    def _mergekit_parameters(self) -> dict[str, ParamValue]:
+        # Only the registry knows which methods mergekit has (a look above, as in slices).
+        from mergesearch.merging.registry import get_method
+
+        try:
+            method = get_method(self.method)
+        except KeyError:
+            return dict(self.parameters)  # unknown here: mergekit will say so itself
+        if not method.mergekit:
+            raise RecipeError(
+                f"method: mergekit 0.1.5 has no {self.method!r} merge method, so this recipe has "
+                f"no mergekit config; merge it with `mergesearch merge`")
+        params = dict(self.parameters)
+        if self.lines is None:
+            return params
+        # LiNeS is exact as a lambda gradient [l*alpha, l*(alpha+beta)] where lambda scales
+        # the merged task vector (mergekit's generalized task arithmetic): mergekit evaluates
+        # a gradient at l/(L-1) for layer l and at 0 for the other tensors, as LiNeS does.
+        lam_param = method.param("lambda")
+        lam = params.get("lambda", lam_param.default if lam_param else None)
+        if lam_param is None or isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            why = (f"{self.method} has no lambda to carry it" if lam_param is None
+                   else "its lambda is not a single number")
+            raise RecipeError(f"lines: mergekit cannot express LiNeS for this recipe ({why}); "
+                              f"merge it with `mergesearch merge`")
+        a, b = self.lines.alpha, self.lines.beta
+        params["lambda"] = [lam * a, lam * (a + b)]
+        return params
 
     def to_mergekit_yaml(self) -> str:
         return yaml.safe_dump(self.to_mergekit(), sort_keys=False)

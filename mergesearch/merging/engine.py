@@ -23,6 +23,7 @@ from mergesearch.merging.checkpoint import (
     check_compatible,
     layer_index,
 )
+from mergesearch.merging.lines import apply_lines, lines_scale
 from mergesearch.merging.registry import MergeInputs, MergeMethod
 from mergesearch.merging.validate import method_inputs, validate_recipe
 from mergesearch.recipe import Recipe, RecipeError, SourceModel, evaluate, layer_t
@@ -98,11 +99,16 @@ class TaskVectors:
                 base = None
                 if base_row is not None:
                     base = self._buffer("base", 1, shape)[0].copy_(stack[base_row])
+                layer = self.layers[name]
                 x = MergeInputs(name=name, base=base, models=models, seed=recipe.seed,
                                 workspace=self._buffer("deltas", len(rows), shape),
-                                random_cache=self.random_cache)
-                t = layer_t(self.layers[name], self.num_layers)
+                                random_cache=self.random_cache, layer=layer,
+                                num_layers=self.num_layers)
+                t = layer_t(layer, self.num_layers)
                 out = method.fn(x, **resolve_params(method, recipe, inputs, name, t))
+                if recipe.lines is not None:  # validation saw to it that there is a base
+                    out = apply_lines(out, base, lines_scale(
+                        recipe.lines.alpha, recipe.lines.beta, layer, self.num_layers))
                 if any(out.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
                        for b in self._work.values()):
                     out = out.clone()  # a view of a work buffer would be overwritten next

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mergesearch.recipe import Recipe
+from mergesearch.recipe import Recipe, RecipeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -37,7 +37,10 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
                     shutil.copy2(src, tmp / name)
         if recipe is not None:
             recipe.save(tmp / "recipe.json")
-            (tmp / "mergekit.yaml").write_text(recipe.to_mergekit_yaml())
+            try:
+                (tmp / "mergekit.yaml").write_text(recipe.to_mergekit_yaml())
+            except RecipeError:
+                pass  # a method mergekit lacks: recipe.json alone describes the merge
         _fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

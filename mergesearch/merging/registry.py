@@ -25,7 +25,10 @@ class Param:
 
     ``per_model`` knobs (weight, density, ...) take one value per source model; the others
     are global. ``valid`` is the closed range a value must lie in; ``search`` the range a
-    search explores by default (None: not searched unless the user asks).
+    search explores by default (None: not searched unless the user asks). ``type=int``
+    knobs take whole numbers (searched as integers). ``layers`` marks a count of layers:
+    its ``search`` range is then a fraction of the model's layer count, and a value may not
+    exceed that count.
     """
 
     name: str
@@ -34,6 +37,7 @@ class Param:
     type: type = float
     valid: tuple[float, float] = (-math.inf, math.inf)
     search: tuple[float, float] | None = None
+    layers: bool = False
 
     @property
     def required(self) -> bool:
@@ -45,6 +49,8 @@ class Param:
             return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"expected a number, got {value!r}"
+        if self.type is int and not float(value).is_integer():
+            return f"expected a whole number, got {value!r}"
         lo, hi = self.valid
         if not (lo <= value <= hi) or math.isnan(value):
             return f"{value!r} is outside its valid range [{lo}, {hi}]"
@@ -67,6 +73,8 @@ class MergeInputs:
     seed: int = 0
     workspace: torch.Tensor | None = field(default=None, repr=False)  # where deltas may go
     random_cache: dict | None = field(default=None, repr=False)  # see `uniform`
+    layer: int | None = None  # the transformer block of this tensor (None: embeddings, head)
+    num_layers: int = 1  # blocks in the model
 
     @cached_property
     def deltas(self) -> torch.Tensor:

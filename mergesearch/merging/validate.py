@@ -68,7 +68,23 @@ def validate_recipe(recipe: Recipe, num_layers: int | None = None) -> MergeMetho
             if p.required and p.name not in s.parameters and p.name not in recipe.parameters:
                 raise RecipeError(f"models[{i}].parameters.{p.name}: required by {method.name} for {s.model}")
     _check_della(method, recipe, num_layers)
+    _check_lines(method, recipe, base)
     return method
+
+
+def _check_lines(method: MergeMethod, recipe: Recipe, base: str | None) -> None:
+    """LiNeS scales a task vector: the method must have a base model in this recipe."""
+    if recipe.lines is None:
+        return
+    from mergesearch.merging.lines import LINES_PARAMS
+
+    if not base:
+        raise RecipeError(f"lines: LiNeS scales the merged task vector, and {method.name} "
+                          f"has no base model here to take it from")
+    for p in LINES_PARAMS:
+        problem = p.check(getattr(recipe.lines, p.name))
+        if problem:
+            raise RecipeError(f"lines.{p.name}: {problem}")
 
 
 def _check_value(method: MergeMethod, field: str, key: str, value: Any, num_layers: int | None) -> None:
@@ -87,6 +103,8 @@ def _check_value(method: MergeMethod, field: str, key: str, value: Any, num_laye
         problem = param.check(v)
         if problem and not (param.default is None and v is None):
             raise RecipeError(f"{field}: {problem}")
+        if param.layers and num_layers is not None and not problem and v > num_layers:
+            raise RecipeError(f"{field}: {v} layers of a model with {num_layers}")
 
 
 def _check_della(method: MergeMethod, recipe: Recipe, num_layers: int | None) -> None:

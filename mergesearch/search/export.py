@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
-from mergesearch.recipe import Recipe
+from mergesearch.recipe import Recipe, RecipeError
 
 
 def trial_recipe(trial: FrozenTrial) -> Recipe:
@@ -40,7 +40,10 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
             engine.merge_into(model, recipe)
             write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe)
         _write_atomic(out / "recipe.json", recipe.to_json() + "\n")
-        _write_atomic(out / "mergekit.yaml", recipe.to_mergekit_yaml())
+        try:
+            _write_atomic(out / "mergekit.yaml", recipe.to_mergekit_yaml())
+        except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
+            (out / "mergekit.yaml").unlink(missing_ok=True)
     except OSError as e:
         raise StudyError(f"{e.filename or out}: cannot write export ({e.strerror})") from None
     return out

@@ -10,6 +10,7 @@ it::
         ... .attn / .mlp / .other        split_attn_mlp         ties.weight.add.attn.g1
     <method>.source / <method>.sources   which source(s)        slerp.source, nuslerp.sources
     <method>.epsilon_frac.<alias>        DELLA's epsilon        della.epsilon_frac.add
+    lines.alpha, lines.beta              LiNeS (space.lines)    shared by every method
 
 Which knobs exist, their defaults and search ranges come from the merge-method registry
 (`Param.search`); the config overrides them, ``space.methods.<m>.<knob>`` before
@@ -35,6 +36,15 @@ weight (``linear.weight.base``), so the search can pull back towards the base. M
 take a fixed number of sources are searched over which ones: slerp and passthrough take
 one (a categorical over aliases), nuslerp a pair (a categorical over ``a+b`` pairs).
 
+Whole-number knobs (``type=int``: consensus's ``k``, layer_swap's layer counts and
+``outer``) are integer dimensions. Knobs that count layers (``Param.layers``) declare their
+search range as a fraction of the model's depth: layer_swap's ``n_bottom`` searches 0 ..
+L/2 layers.
+
+LiNeS (``space.lines: true``) adds two dimensions shared by all methods, ``lines.alpha``
+and ``lines.beta`` (ranges from `mergesearch.merging.lines`); recipes of methods with a
+base model carry them as ``lines``, the others (linear, layer_swap) ignore them.
+
 DELLA's epsilon must keep density +/- epsilon inside (0, 1): it is sampled as a fraction
 of its range capped by the densities this source drew, so every recipe is valid (the
 range's low end yields when a density near 0 or 1 leaves less room). A fixed epsilon
@@ -47,9 +57,15 @@ from itertools import combinations
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from mergesearch.config import ConfigError, Space
+from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod, Param, all_methods, get_method
 from mergesearch.recipe import Recipe, evaluate, layer_t
 
@@ -84,10 +100,12 @@ class SearchSpace:
         instead of the method alone."""
         names = list(self.methods)
         name = names[0] if len(names) == 1 else trial.suggest_categorical("method", names)
-        recipes = {m: self._recipe(trial, m) for m in (names if self.flat else [name])}
+        lines = ({p.name: trial.suggest_float(f"lines.{p.name}", *p.search) for p in LINES_PARAMS}
+                 if self.space.lines else None)
+        recipes = {m: self._recipe(trial, m, lines) for m in (names if self.flat else [name])}
         return recipes[name]
 
-    def _recipe(self, trial: optuna.Trial, name: str) -> Recipe:
+    def _recipe(self, trial: optuna.Trial, name: str, lines: dict[str, float] | None = None) -> Recipe:
         method = self.methods[name]
         params = {}
         for p in method.global_params:
@@ -101,8 +119,9 @@ class SearchSpace:
                 else:
                     per[p.name] = self._value(trial, method, p, f"{name}.{p.name}.{alias}")
             models.append({"model": path, "parameters": _set(per)})
-        return Recipe(method=name, base_model=None if method.base == "none" else self.base,
-                      models=models, parameters=_set(params), seed=self.seed)
+        base = None if method.base == "none" else self.base
+        return Recipe(method=name, base_model=base, models=models, parameters=_set(params),
+                      seed=self.seed, lines=lines if base else None)
 
     def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
         """Rebuild a trial's recipe from its ``params`` alone (resume, enqueued trials)."""
@@ -206,6 +225,10 @@ class SearchSpace:
         if low_high is None and p.required:
             raise ConfigError(f"space.methods.{method.name}.{p.name}: required by {method.name} "
                               f"and not searched by default; give a value or [low, high]")
+        if low_high and p.type is int:
+            if p.layers and not bound:  # a fraction of the depth
+                low_high = (int(low_high[0] * self.num_layers), int(low_high[1] * self.num_layers))
+            return IntDistribution(int(low_high[0]), int(low_high[1]))
         return FloatDistribution(*low_high) if low_high else None
 
     def _fit_density_to_epsilon(self, method: MergeMethod) -> None:
@@ -255,6 +278,8 @@ class SearchSpace:
 def _suggest(trial: optuna.Trial, key: str, spec: Spec) -> Any:
     if isinstance(spec, FloatDistribution):
         return trial.suggest_float(key, spec.low, spec.high)
+    if isinstance(spec, IntDistribution):
+        return trial.suggest_int(key, spec.low, spec.high)
     if isinstance(spec, CategoricalDistribution):
         return trial.suggest_categorical(key, spec.choices)
     return spec  # fixed by the config, or None: the method's default
@@ -274,6 +299,10 @@ class _Recorder:
     def suggest_float(self, name: str, low: float, high: float) -> float:
         self.dims[name] = FloatDistribution(low, high)
         return (low + high) / 2
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        self.dims[name] = IntDistribution(low, high)
+        return (low + high) // 2
 
     def suggest_categorical(self, name: str, choices: Any) -> Any:
         self.dims[name] = CategoricalDistribution(choices)
