@@ -147,14 +147,24 @@ def _search(config) -> None:
                     f"front {p.front_size}  {best}" + (f"  ETA {eta:.0f}s" if eta is not None else ""))
 
     out.print(f"study [bold]{config.study.name}[/bold] in {config.run_dir}")
-    with Live(Text("starting workers..."), console=err, refresh_per_second=4, transient=False) as live:
-        runner = Runner(config, on_progress=lambda p: live.update(line(p)))
+    shown = [Text("starting workers...")]
+
+    def show(p) -> None:
+        shown[0] = line(p)
+        live.update(shown[0])
+
+    # Transient: an error replaces the progress line instead of following it.
+    with Live(shown[0], console=err, refresh_per_second=4, transient=True) as live:
+        runner = Runner(config, on_progress=show)
         try:
             study = runner.run()
         except KeyboardInterrupt:
+            live.stop()
+            err.print(shown[0])
             err.print("interrupted; the study is consistent. Continue with: "
                       f"mergesearch resume {escape(str(config.run_dir))}")
             raise typer.Exit(130) from None
+    err.print(shown[0])
     out.print(f"done: hypervolume {study_hypervolume(study):.4g}; see `mergesearch front {config.run_dir}`")
 
 
@@ -273,6 +283,9 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     path = export_trial(ref.config(st), t, out_dir, save_model=save_model)
     scores = ", ".join(f"{k}={v:.4g}" for k, v in (t.user_attrs.get("scores") or {}).items())
     out.print(f"trial {t.number} ({scores}) exported to {path}")
+    if not (path / "mergekit.yaml").exists():
+        out.print("no mergekit.yaml: mergekit 0.1.5 cannot express this recipe; "
+                  "`mergesearch merge recipe.json` merges it")
 
 
 @app.command()

@@ -64,8 +64,8 @@ def test_driver_killed_at_random_moments_loses_nothing(tmp_path, demo_experts, s
             assert {n: now[n] for n in kept} == kept  # nothing completed is lost or changed
             kept = now
             command = [*MERGESEARCH, "resume", str(run)]
-    result = subprocess.run([*MERGESEARCH, "resume", str(run)], capture_output=True, text=True,
-                            timeout=400, start_new_session=True)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                            start_new_session=True)  # `run` again if no kill came late enough
     assert result.returncode == 0, result.stderr[-2000:]
     study = load_study(run)
     final = completed(study)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -137,23 +138,30 @@ class Runner:
     def run(self) -> optuna.Study:
         import ray
 
-        from mergesearch.merging import Checkpoint
+        from mergesearch.merging import Checkpoint, check_compatible
         from mergesearch.spaces import SearchSpace
 
+        # Everything a user can get wrong is refused before the study is touched: the
+        # models and the space here, the tasks and metrics by the workers' set-up.
         self.base, self.sources = resolve_models(self.config)
-        num_layers = Checkpoint.open(self.base).num_layers
-        study = create_or_load(self.config)
+        base = Checkpoint.open(self.base)
+        check_compatible(base, [Checkpoint.open(p) for p in self.sources.values()])
+        space = SearchSpace(self.config.space, self.base, self.sources, base.num_layers,
+                            seed=self.config.seed, flat=needs_flat_space(self.config))
+        start_ray(self.config)
+        self._start_workers()
+        try:
+            study = create_or_load(self.config)
+        except BaseException:
+            for a in self.workers:
+                ray.kill(a, no_restart=True)
+            raise
         self.study = study
-        space = SearchSpace(self.config.space, self.base, self.sources, num_layers, seed=self.config.seed,
-                            flat=needs_flat_space(self.config))
         recover_orphans(study)
         driver = Driver(study)
         # A resumed sampler is seeded past the trials it has seen, and a driver joining
         # others past theirs, so that it does not replay proposals already made.
         study.sampler = build_sampler(self.config, offset=len(study.trials) + 7919 * driver.rank())
-
-        start_ray(self.config)
-        self._start_workers()
         if REFERENCES_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCES_ATTR, self._score_references())
 
@@ -365,4 +373,6 @@ def _actor_cause(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     lines = [ln for ln in str(cause).splitlines() if ln.strip()]
     # Ray prefixes the remote traceback; the last line carries the original error.
-    return lines[-1].strip() if lines else e.__class__.__name__
+    last = lines[-1].strip() if lines else e.__class__.__name__
+    # Our own errors need no class name: they say which field or file is wrong.
+    return re.sub(r"^mergesearch\.errors\.\w+: ", "", last)
