@@ -184,6 +184,15 @@ class LmEvalSettings(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class Fisher(_Strict):
+    """Calibration data for Fisher-weighted averaging (the ``fisher`` method)."""
+
+    dataset: DatasetSpec | None = Field(
+        None, description="A `datasets` dataset of texts (default: the objectives' own examples)")
+    examples: int = Field(64, ge=1, description="Calibration examples per model")
+    seq_len: int = Field(256, ge=2, description="Tokens per example, at most")
+
+
 # ---- study, sampler, budget, workers -----------------------------------------------------
 
 
@@ -227,6 +236,7 @@ class Config(_Strict):
     objectives: list[Objective]
     heldout: list[Objective] = Field(default_factory=list, description="Objectives scored on demand (eval, export), not optimised")
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
+    fisher: Fisher = Field(default_factory=Fisher)
     study: Study = Field(default_factory=Study)
     sampler: Sampler = Field(default_factory=Sampler)
     budget: Budget = Field(default_factory=lambda: Budget(n_trials=50))

@@ -60,6 +60,26 @@ class TaskVectors:
         # first use where hashing is slow (CPU); recomputed where it is cheap (GPU).
         self.random_cache: dict | None = {} if (
             cache_random if cache_random is not None else self.device.type == "cpu") else None
+        self.fisher: dict[str, torch.Tensor] = {}  # name -> (rows, *shape), see attach_fisher
+        self.fisher_mean: torch.Tensor | None = None
+
+    def attach_fisher(self, per_model: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Give the Fisher-weighted methods each model's diagonal Fisher information
+        (model -> tensor name -> Fisher, as `mergesearch.merging.fisher` computes it).
+        Models without one get zeros: they count through the methods' floor alone."""
+        rows = {self.row(m): f for m, f in per_model.items()}
+        total = torch.zeros(len(self.models), dtype=torch.float64)
+        count = 0
+        for name in self.names:
+            stack = torch.zeros(self.stacks[name].shape, dtype=torch.float32, device=self.device)
+            for r, f in rows.items():
+                if name not in f:
+                    raise CheckpointError(f"{self.models[r]}: its Fisher information has no tensor {name}")
+                stack[r].copy_(f[name])
+            self.fisher[name] = stack
+            total += stack.flatten(1).sum(1, dtype=torch.float64).cpu()
+            count += stack[0].numel()
+        self.fisher_mean = (total / max(count, 1)).to(torch.float32).to(self.device)
 
     # ---- recipes ----------------------------------------------------------------------
 
@@ -74,6 +94,10 @@ class TaskVectors:
 
     def check(self, recipe: Recipe) -> MergeMethod:
         method = validate_recipe(recipe, self.num_layers)
+        if "fisher" in method.needs and not self.fisher:
+            raise RecipeError(f"method: {method.name} needs each model's Fisher information, computed "
+                              "on calibration data; merge it through a study (mergesearch export "
+                              "--model) or attach it with TaskVectors.attach_fisher")
         for m in [recipe.base_model, *recipe.source_names()]:
             if m is not None:
                 self.row(m)
@@ -104,6 +128,11 @@ class TaskVectors:
                                 workspace=self._buffer("deltas", len(rows), shape),
                                 random_cache=self.random_cache, layer=layer,
                                 num_layers=self.num_layers)
+                if "fisher" in method.needs:
+                    x.fisher = self._buffer("fisher", len(rows), shape)
+                    for j, r in enumerate(rows):
+                        x.fisher[j].copy_(self.fisher[name][r])
+                    x.fisher_mean = self.fisher_mean[rows]
                 t = layer_t(layer, self.num_layers)
                 out = method.fn(x, **resolve_params(method, recipe, inputs, name, t))
                 if recipe.lines is not None:  # validation saw to it that there is a base
@@ -164,7 +193,7 @@ class TaskVectors:
         return params
 
     def resident_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.stacks.values())
+        return sum(s.numel() * s.element_size() for s in [*self.stacks.values(), *self.fisher.values()])
 
 
 def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel],

@@ -75,6 +75,10 @@ class MergeInputs:
     random_cache: dict | None = field(default=None, repr=False)  # see `uniform`
     layer: int | None = None  # the transformer block of this tensor (None: embeddings, head)
     num_layers: int = 1  # blocks in the model
+    # Side inputs, present when the method declares it `needs` them: each input's diagonal
+    # Fisher information (stacked like ``models``) and its mean over the whole model.
+    fisher: torch.Tensor | None = field(default=None, repr=False)
+    fisher_mean: torch.Tensor | None = field(default=None, repr=False)
 
     @cached_property
     def deltas(self) -> torch.Tensor:
@@ -138,6 +142,7 @@ class MergeMethod:
     reference: str = ""
     mergekit: bool = True
     doc: str = field(default="", repr=False)
+    needs: tuple[str, ...] = ()  # side inputs besides the weights, e.g. ("fisher",)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -164,6 +169,7 @@ def merge_method(
     random: bool = False,
     reference: str = "",
     mergekit: bool = True,
+    needs: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name`` with its knobs."""
 
@@ -172,7 +178,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         METHODS[name] = MergeMethod(
             name, fn, tuple(params), base, min_sources, max_sources, random, reference,
-            mergekit, (fn.__doc__ or "").strip(),
+            mergekit, (fn.__doc__ or "").strip(), tuple(needs),
         )
         return fn
 

@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
+from mergesearch.merging.registry import get_method
 from mergesearch.recipe import Recipe, RecipeError
 
 
@@ -35,6 +36,10 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
             sources = [s for s in dict.fromkeys([*recipe.source_names()]) if s != recipe.base_model]
             base = recipe.base_model or _config_base(config)
             engine = TaskVectors(base, [s for s in sources if s != base])
+            if "fisher" in get_method(recipe.method).needs:
+                from mergesearch.search.fisher import attach_fisher
+
+                attach_fisher(config, engine)
             model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype,
                                     trust_remote_code=config.models.trust_remote_code)
             engine.merge_into(model, recipe)

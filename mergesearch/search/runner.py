@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
 from mergesearch.recipe import Recipe
+from mergesearch.search.fisher import fisher_files, uses_fisher
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.samplers import build_sampler, needs_flat_space
 from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
@@ -98,6 +99,7 @@ class Runner:
         self.on_progress = on_progress or (lambda p: None)
         self.setup_timeout_s = setup_timeout_s
         self.objectives = [o.name for o in config.objectives]
+        self.fisher: dict[str, str] | None = None  # model -> Fisher cache file, for `fisher`
 
     # ---- workers ----------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ class Runner:
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
             runtime_env={"env_vars": env}, name=None,
         ).remote(self.config.snapshot(), self.base, self.sources,
-                 threads=max(1, int(w.cpus_per_worker)))
+                 threads=max(1, int(w.cpus_per_worker)), fisher=self.fisher)
         return actor
 
     def _start_workers(self) -> None:
@@ -151,6 +153,10 @@ class Runner:
         start_ray(self.config)
         self._start_workers()
         try:
+            if uses_fisher(self.config):  # computed once, here, after the tasks were checked
+                files = fisher_files(self.config, [self.base, *self.sources.values()])
+                self.fisher = {m: str(f) for m, f in files.items()}
+                ray.get([a.load_fisher.remote(self.fisher) for a in self.workers])
             study = create_or_load(self.config)
         except BaseException:
             for a in self.workers:

@@ -38,7 +38,8 @@ class CandidateWorker:
     """Holds the base, the task vectors, the live model and the evaluators."""
 
     def __init__(self, snapshot: dict[str, Any], base: str, sources: dict[str, str],
-                 heldout: bool = False, device: str | None = None, threads: int | None = None):
+                 heldout: bool = False, device: str | None = None, threads: int | None = None,
+                 fisher: dict[str, str] | None = None):
         from transformers import AutoTokenizer
 
         from mergesearch.evaluators import build_evaluators
@@ -54,6 +55,8 @@ class CandidateWorker:
         if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             device = "cuda"
         self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu")
+        if fisher:
+            self.load_fisher(fisher)
         trust = self.config.models.trust_remote_code
         self.model = load_live_model(self.engine.base.path, self.engine.device, self.config.models.dtype,
                                      trust_remote_code=trust)
@@ -65,6 +68,12 @@ class CandidateWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node = _ray_node_id()
         self.setup_seconds = time.perf_counter() - started
+
+    def load_fisher(self, files: dict[str, str]) -> None:
+        """Attach each model's cached Fisher information (model -> file), for `fisher`."""
+        from mergesearch.merging.fisher import load_fisher
+
+        self.engine.attach_fisher({m: load_fisher(f, self.engine.device) for m, f in files.items()})
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.name, "device": str(self.engine.device),

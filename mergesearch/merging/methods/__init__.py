@@ -2,6 +2,7 @@
 
 from mergesearch.merging.methods import (  # noqa: F401
     consensus,
+    fisher,
     layer_swap,
     linear,
     model_stock,
