@@ -193,6 +193,16 @@ class Fisher(_Strict):
     seq_len: int = Field(256, ge=2, description="Tokens per example, at most")
 
 
+class Fidelity(_Strict):
+    """Multi-fidelity scoring: every candidate is first scored on a subset of each
+    objective's examples, and on all of them only if it could still enter the front."""
+
+    enabled: bool = Field(False, description="Score candidates on a subset first")
+    fraction: float = Field(0.25, gt=0, lt=1, description="Share of each objective's examples in the first pass")
+    margin: float = Field(2.0, ge=0, description="Standard errors added to a first-pass score "
+                                                 "before asking whether the front dominates it")
+
+
 # ---- study, sampler, budget, workers -----------------------------------------------------
 
 
@@ -237,6 +247,7 @@ class Config(_Strict):
     heldout: list[Objective] = Field(default_factory=list, description="Objectives scored on demand (eval, export), not optimised")
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings)
     fisher: Fisher = Field(default_factory=Fisher)
+    fidelity: Fidelity = Field(default_factory=Fidelity)
     study: Study = Field(default_factory=Study)
     sampler: Sampler = Field(default_factory=Sampler)
     budget: Budget = Field(default_factory=lambda: Budget(n_trials=50))

@@ -4,6 +4,12 @@ An evaluator scores one objective. It is set up once per worker with the live mo
 one `TaskVectors.merge_into` writes into) and its tokenizer, then scores the model's
 *current* weights as many times as asked. `score` never raises: an exception, NaN or inf
 becomes a failed `Score` with its reason, so one bad candidate never takes a worker down.
+
+Multi-fidelity: an evaluator that can score a subset of its examples sets ``partial =
+True`` and takes ``measure(recipe, fraction=...)``. Any evaluator may report the metrics
+``stderr`` (the standard error of its value) and ``examples`` (how many it scored); a
+search with ``fidelity.enabled`` promotes a candidate scored on a subset to the full set
+only if, allowing for the standard error, it could still enter the Pareto front.
 """
 
 from __future__ import annotations
@@ -31,6 +37,15 @@ class Score:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    fraction: float = 1.0  # of the objective's examples scored
+
+    @property
+    def stderr(self) -> float | None:
+        return self.metrics.get("stderr")
+
+    @property
+    def examples(self) -> int:
+        return int(self.metrics.get("examples", 0))
 
     @property
     def ok(self) -> bool:
@@ -39,6 +54,8 @@ class Score:
 
 class Evaluator(ABC):
     """Base class: subclasses implement `setup` and `measure`."""
+
+    partial = False  # True: `measure` takes `fraction` and can score a subset of examples
 
     def __init__(self, objective: Objective, config: Config):
         self.objective = objective
@@ -54,10 +71,13 @@ class Evaluator(ABC):
         """Score the model's current weights (``recipe`` is what they were merged from, or
         None for a plain model): the objective's value and any extra metrics."""
 
-    def score(self, recipe: Recipe | None = None) -> Score:
+    def score(self, recipe: Recipe | None = None, fraction: float = 1.0) -> Score:
+        """Score the current weights; with ``fraction`` < 1, on that fraction of the
+        examples where the evaluator can (`partial`), else on all of them."""
         start = time.perf_counter()
+        fraction = fraction if self.partial and fraction < 1 else 1.0
         try:
-            value, metrics = self.measure(recipe)
+            value, metrics = self.measure(recipe, fraction=fraction) if fraction < 1 else self.measure(recipe)
             value = float(value)
             if not math.isfinite(value):
                 return Score(self.objective.name, None, metrics, f"{self.objective.name}: score is {value}",
@@ -67,4 +87,4 @@ class Evaluator(ABC):
             where = f" at {last[0].filename}:{last[0].lineno}" if last[0] else ""
             return Score(self.objective.name, None, {}, f"{self.objective.name}: {e.__class__.__name__}: {e}{where}",
                          time.perf_counter() - start)
-        return Score(self.objective.name, value, metrics, None, time.perf_counter() - start)
+        return Score(self.objective.name, value, metrics, None, time.perf_counter() - start, fraction)

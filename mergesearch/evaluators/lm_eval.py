@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import random
 from functools import cache
 from typing import Any
@@ -53,7 +54,21 @@ def metric_keys(task: Any) -> list[str]:
     return [f"{m},{f}" for m in task.aggregation() for f in filters]
 
 
+def scaled_limit(limit: int | float | None, fraction: float) -> int | float | None:
+    """The objective's ``limit`` cut to ``fraction`` of it: lm-eval reads a float below 1 as
+    a fraction of each task's documents and anything else as a count."""
+    if fraction >= 1:
+        return limit
+    if limit is None:
+        return fraction
+    if isinstance(limit, float) and limit < 1:
+        return limit * fraction
+    return max(2, math.ceil(limit * fraction))
+
+
 class LmEvalEvaluator(Evaluator):
+    partial = True
+
     def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
         obj, cfg = self.objective, self.config
         manager = task_manager(tuple(cfg.include_paths()), cfg.lm_eval.include_defaults)
@@ -88,10 +103,13 @@ class LmEvalEvaluator(Evaluator):
                     f"it reports {', '.join(keys)}")
         self.lm = wrap(model, tokenizer, obj.batch_size)
 
-    def measure(self, recipe: Any) -> tuple[float, dict[str, float]]:
+    def measure(self, recipe: Any, fraction: float = 1.0) -> tuple[float, dict[str, float]]:
         from lm_eval.evaluator import evaluate
 
         obj = self.objective
+        # Standard errors only where a multi-fidelity search reads them: closed-form for
+        # means, a 100-draw bootstrap for the metrics lm-eval bootstraps.
+        stderr_iters = 100 if self.config.fidelity.enabled else 0
         # Reseed as simple_evaluate does, so that results equal the CLI's.
         random.seed(RANDOM_SEED)
         np.random.seed(NUMPY_SEED)
@@ -99,20 +117,26 @@ class LmEvalEvaluator(Evaluator):
         for task in self.task_dict["tasks"].values():
             task.set_fewshot_seed(seed=obj.seed)
         out = evaluate(
-            lm=self.lm, task_dict=self.task_dict, limit=obj.limit, log_samples=False,
-            bootstrap_iters=0, apply_chat_template=obj.apply_chat_template,
+            lm=self.lm, task_dict=self.task_dict, limit=scaled_limit(obj.limit, fraction),
+            log_samples=False, bootstrap_iters=stderr_iters, apply_chat_template=obj.apply_chat_template,
             fewshot_as_multiturn=obj.fewshot_as_multiturn, verbosity="ERROR",
             confirm_run_unsafe_code=self.config.lm_eval.allow_unsafe_code,
         )
         results = out["results"]
+        metric, _, filter_name = obj.metric.partition(",")
+        stderr_key = f"{metric}_stderr,{filter_name}"
         metrics: dict[str, float] = {}
-        values = []
+        read = []  # the results the value is the mean of
         for name in obj.tasks:
             if obj.metric in results.get(name, {}):  # a task, or a group with an aggregate
-                values.append(results[name][obj.metric])
+                read.append(results[name])
             else:  # a tag: the mean of its tasks
-                values.extend(results[t][obj.metric] for t in self.task_dict["tasks"] if t in results)
+                read.extend(results[t] for t in self.task_dict["tasks"] if t in results)
         for name in self.task_dict["tasks"]:
             if name in results and obj.metric in results[name]:
                 metrics[f"{name}/{obj.metric}"] = results[name][obj.metric]
-        return float(np.mean(values)), metrics
+        metrics["examples"] = float(sum(n.get("effective", 0) for n in out.get("n-samples", {}).values()))
+        errors = [r.get(stderr_key) for r in read]
+        if stderr_iters and all(isinstance(e, (int, float)) for e in errors):
+            metrics["stderr"] = math.sqrt(sum(e * e for e in errors)) / len(errors)
+        return float(np.mean([r[obj.metric] for r in read])), metrics

@@ -34,6 +34,8 @@ def load_texts(spec: Any, root) -> list[str]:
 
 
 class PerplexityEvaluator(Evaluator):
+    partial = True  # the first windows
+
     def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
         obj = self.objective
         ids: list[int] = []
@@ -52,13 +54,18 @@ class PerplexityEvaluator(Evaluator):
         self.model = model
 
     @torch.no_grad()
-    def measure(self, recipe: Any) -> tuple[float, dict[str, float]]:
-        total, count = 0.0, 0
-        for batch in self.windows.split(self.objective.batch_size):
+    def measure(self, recipe: Any, fraction: float = 1.0) -> tuple[float, dict[str, float]]:
+        windows = self.windows[: max(1, math.ceil(len(self.windows) * fraction))]
+        per_window = []  # mean NLL of each window (all windows have seq_len tokens)
+        for batch in windows.split(self.objective.batch_size):
             logits = self.model(input_ids=batch).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total += nll.item()
-            count += batch[:, 1:].numel()
-        mean = total / count
-        return math.exp(mean), {"nll": mean, "tokens": float(count)}
+                logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            per_window.append(nll.mean(1).double())
+        nlls = torch.cat(per_window)
+        mean = nlls.mean().item()
+        ppl = math.exp(mean)
+        metrics = {"nll": mean, "tokens": float(windows[:, 1:].numel()), "examples": float(len(windows))}
+        if len(nlls) > 1:  # the delta method: se(exp(m)) = exp(m) se(m)
+            metrics["stderr"] = ppl * nlls.std().item() / math.sqrt(len(nlls))
+        return ppl, metrics

@@ -24,11 +24,24 @@ def maximize_mask(study: optuna.Study) -> np.ndarray:
     return np.array([d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions])
 
 
+def full_fidelity(trial: FrozenTrial) -> bool:
+    """Scored on every example (multi-fidelity leaves some on a subset only)."""
+    return trial.user_attrs.get("fidelity", 1.0) >= 1
+
+
+def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials scored at full fidelity: what fronts and hypervolumes use."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if full_fidelity(t)]
+
+
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """The non-dominated COMPLETE trials (for one objective: the best trial)."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    """The non-dominated full-fidelity trials (for one objective: the best ones)."""
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    trials = scored_trials(study)
+    if not trials:
         return []
-    return sorted(study.best_trials, key=lambda t: t.number)
+    return sorted(_get_pareto_front_trials_by_trials(trials, study.directions), key=lambda t: t.number)
 
 
 def hypervolume(values: np.ndarray, reference: np.ndarray, maximize: np.ndarray) -> float:
@@ -54,7 +67,7 @@ def reference_point(study: optuna.Study) -> np.ndarray:
     maximize = maximize_mask(study)
     rows = [[r[n] for n in names] for r in refs.values() if all(n in r for n in names)]
     if not rows:
-        rows = [t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        rows = [t.values for t in scored_trials(study)]
     if not rows:
         return np.zeros(len(names))
     arr = np.array(rows, dtype=float)
@@ -62,7 +75,7 @@ def reference_point(study: optuna.Study) -> np.ndarray:
 
 
 def study_hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
-    trials = trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = trials if trials is not None else scored_trials(study)
     values = np.array([t.values for t in trials], dtype=float).reshape(-1, len(study.directions))
     return hypervolume(values, reference_point(study), maximize_mask(study))
 
@@ -79,6 +92,9 @@ def choose(study: optuna.Study, *, trial: int | None = None, best: str | None = 
             raise StudyError(f"--trial: no trial {trial} (the study has {len(study.trials)})") from None
         if t.state != TrialState.COMPLETE:
             raise StudyError(f"--trial: trial {trial} is {t.state.name}, not COMPLETE")
+        if not full_fidelity(t):
+            raise StudyError(f"--trial: trial {trial} was scored on a subset of the examples only "
+                             f"(fidelity {t.user_attrs['fidelity']:g})")
         return t
     front = pareto_front(study)
     if not front:
@@ -142,7 +158,7 @@ def plot_front(study: optuna.Study, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = objective_names(study)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = scored_trials(study)
     if not done:
         raise StudyError("the study has no completed trial to plot")
     values = np.array([t.values for t in done], dtype=float)

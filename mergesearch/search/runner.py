@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -74,6 +75,8 @@ class _InFlight:
     attempts: int = 1
     actor: Any = None
     submitted: float = 0.0
+    fraction: float = 1.0  # of each objective's examples this pass scores
+    low: dict | None = None  # the first pass's result, once promoted to the full set
 
 
 def start_ray(config: Config) -> None:
@@ -92,6 +95,56 @@ def start_ray(config: Config) -> None:
                  object_store_memory=config.workers.object_store_memory or 256 * 2**20, **kwargs)
 
 
+class _Scored:
+    """The recipes scored so far, by any driver sharing the study: their values by recipe
+    hash, which were scored on a subset of the examples only, and whether a first-pass
+    score could still enter the front (multi-fidelity)."""
+
+    def __init__(self, config: Config):
+        self.objectives = [o.name for o in config.objectives]
+        self.sign = np.array([1.0 if o.direction == "maximize" else -1.0 for o in config.objectives])
+        self.first_fraction = config.fidelity.fraction if config.fidelity.enabled else 1.0
+        self.margin = config.fidelity.margin
+        self.values: dict[str, dict[str, float]] = {}
+        self.partial: dict[str, float] = {}  # hash -> fidelity < 1
+        self._full: list[np.ndarray] = []  # full-fidelity points, as maximisation
+
+    def add(self, h: str, values: dict[str, float], fidelity: float = 1.0) -> None:
+        if h in self.values and h not in self.partial:
+            return  # already known at full fidelity
+        self.values[h] = values
+        if fidelity < 1:
+            self.partial[h] = fidelity
+        else:
+            self.partial.pop(h, None)
+            self._full.append(self.sign * np.array([values[o] for o in self.objectives]))
+
+    def add_trial(self, t: optuna.trial.FrozenTrial) -> None:
+        if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs:
+            self.add(t.user_attrs["recipe_hash"], dict(zip(self.objectives, t.values)),
+                     t.user_attrs.get("fidelity", 1.0))
+
+    def fidelity(self, h: str) -> dict[str, float]:
+        return {"fidelity": self.partial[h]} if h in self.partial else {}
+
+    def promote(self, result: dict) -> bool:
+        """Whether a first-pass result goes on to the full set: unless a full-fidelity
+        point dominates its scores moved ``margin`` standard errors towards better."""
+        fractions = result["fraction"]
+        if all(f >= 1 for f in fractions.values()):
+            return False  # nothing was scored on a subset: this is the full score
+        optimistic = []
+        for o, sign in zip(self.objectives, self.sign):
+            se = result["stderr"].get(o)
+            if se is None and fractions[o] < 1:
+                return True  # no error bar: it cannot be ruled out
+            optimistic.append(sign * result["values"][o] + self.margin * (se or 0.0))
+        if not self._full:
+            return True
+        front, point = np.array(self._full), np.array(optimistic)
+        return not ((front >= point).all(1) & (front > point).any(1)).any()
+
+
 class Runner:
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None,
                  setup_timeout_s: float = 600.0):
@@ -100,6 +153,7 @@ class Runner:
         self.setup_timeout_s = setup_timeout_s
         self.objectives = [o.name for o in config.objectives]
         self.fisher: dict[str, str] | None = None  # model -> Fisher cache file, for `fisher`
+        self._front_due = 0.0  # when the progress line's front is next recomputed
 
     # ---- workers ----------------------------------------------------------------------
 
@@ -175,10 +229,11 @@ class Runner:
         if self.config.budget.timeout:
             deadline = time.time() + self.config.budget.timeout
         trials = study.get_trials(deepcopy=False)
-        seen: dict[str, dict[str, float]] = {
-            t.user_attrs["recipe_hash"]: dict(zip(self.objectives, t.values))
-            for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
+        scored = _Scored(self.config)
+        for t in trials:
+            scored.add_trial(t)
         done = sum(counted(t) for t in trials)
+        used = done  # trials counted or running, as the storage last showed
         progress = Progress(total=budget, done=done, failed=sum(
             t.state == TrialState.FAIL and counted(t) for t in trials))
         progress.started = time.time()
@@ -189,23 +244,21 @@ class Runner:
         def budget_left() -> bool:
             if deadline is not None and time.time() >= deadline:
                 return False
-            if budget is None:
-                return True
-            # Read from the storage: other drivers may share the study. Their results
-            # also join `seen`, so that no driver evaluates a recipe another has scored.
-            used = 0
-            for t in study.get_trials(deepcopy=False):
-                used += counted(t) or t.state == TrialState.RUNNING
-                if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs:
-                    seen.setdefault(t.user_attrs["recipe_hash"], dict(zip(self.objectives, t.values)))
-            return used < budget
+            waiting = sum(len(w) for w in waiting_on.values())
+            return budget is None or max(used, done + len(in_flight) + waiting) < budget
 
         def fits_budget(trial: optuna.trial.Trial) -> bool:
-            """Whether the trials numbered before this one leave room for it: drivers that
-            ask at the same moment agree on which of their trials is one too many."""
-            ahead = sum(counted(t) or t.state == TrialState.RUNNING
-                        for t in study.get_trials(deepcopy=False) if t.number < trial.number)
-            return ahead < budget
+            """One read of the storage per trial asked, as other drivers may share the
+            study: whether the trials numbered before this one leave room for it (drivers
+            that ask at the same moment agree on which of theirs is one too many), and
+            other drivers' results, so that no recipe is scored twice."""
+            nonlocal used
+            ahead = 0
+            for t in study.get_trials(deepcopy=False):
+                scored.add_trial(t)
+                ahead += t.number < trial.number and (counted(t) or t.state == TrialState.RUNNING)
+            used = ahead + 1
+            return budget is None or ahead < budget
 
         def finish(trial, values: dict[str, float] | None, attrs: dict[str, Any]) -> None:
             nonlocal done
@@ -227,7 +280,7 @@ class Runner:
                     while idle and budget_left() and not stop.is_set():
                         trial = study.ask()
                         trial.set_user_attr("driver", driver.id)
-                        if budget is not None and not fits_budget(trial):
+                        if not fits_budget(trial):
                             trial.set_user_attr("over_budget", True)  # another driver took its place
                             study.tell(trial, state=TrialState.FAIL)
                             break
@@ -235,14 +288,14 @@ class Runner:
                         h = recipe.hash()
                         trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
                         trial.set_user_attr("recipe_hash", h)
-                        if h in seen:
-                            finish(trial, seen[h], {"duplicate_of_hash": h})
+                        if h in scored.values:
+                            finish(trial, scored.values[h], {"duplicate_of_hash": h, **scored.fidelity(h)})
                             continue
                         if any(f.recipe.hash() == h for f in in_flight.values()):
                             waiting_on.setdefault(h, []).append(trial)
                             continue
                         wi = idle.pop()
-                        self._submit(in_flight, _InFlight(trial, recipe, wi))
+                        self._submit(in_flight, _InFlight(trial, recipe, wi, fraction=scored.first_fraction))
                     progress.in_flight = len(in_flight)
                     self.on_progress(progress)
                     if not in_flight:
@@ -265,8 +318,12 @@ class Runner:
                                 continue
                             result = {"error": f"worker died {job.attempts} times: {_actor_cause(e)}",
                                       "values": {}, "metrics": {}, "timings": {}, "worker": None}
+                        if job.fraction < 1 and not result.get("error") and scored.promote(result):
+                            job.low, job.fraction = result, 1.0  # the full set, same slot
+                            self._submit(in_flight, job)
+                            continue
                         idle.append(job.worker)
-                        self._record(job, result, finish, seen, waiting_on)
+                        self._record(job, result, finish, scored, waiting_on)
                         self._update_front(study, progress)
                 self._update_front(study, progress, force=True)
                 self.on_progress(progress)
@@ -310,15 +367,21 @@ class Runner:
     def _submit(self, in_flight: dict, job: _InFlight) -> None:
         job.submitted = time.time()
         job.actor = self.workers[job.worker]
-        ref = job.actor.evaluate.remote(job.recipe.model_dump_json())
+        # A second, full-fidelity pass skips the objectives the first pass scored in full.
+        skip = tuple(o for o, f in (job.low or {}).get("fraction", {}).items() if f >= 1)
+        ref = job.actor.evaluate.remote(job.recipe.model_dump_json(), job.fraction, skip)
         in_flight[ref] = job
 
-    def _record(self, job: _InFlight, result: dict, finish, seen, waiting_on) -> None:
+    def _record(self, job: _InFlight, result: dict, finish, scored: _Scored, waiting_on) -> None:
+        first = job.low or {}  # a promoted candidate's first pass
+        timings = {**{f"first_{k}": v for k, v in first.get("timings", {}).items()},
+                   **result.get("timings", {})}
         attrs = {
             "worker": result.get("worker"),
             "node": result.get("node"),
-            "timings": {k: round(v, 4) for k, v in result.get("timings", {}).items()},
-            "metrics": result.get("metrics", {}),
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "metrics": {**first.get("metrics", {}), **result.get("metrics", {})},
+            "examples": first.get("examples", 0) + result.get("examples", 0),
             "attempts": job.attempts,
             "wall_s": round(time.time() - job.submitted, 4),
         }
@@ -328,12 +391,17 @@ class Runner:
             finish(job.trial, None, attrs)
             values = None
         else:
-            values = result["values"]
+            values = {**first.get("values", {}), **result["values"]}
+            fidelity = min({**first.get("fraction", {}), **result.get("fraction", {})}.values(), default=1.0)
             attrs["scores"] = values
+            if first:
+                attrs["first_scores"] = first["values"]
+            if first or fidelity < 1:
+                attrs["fidelity"] = fidelity
             finish(job.trial, values, attrs)
-            seen[h] = values
+            scored.add(h, values, fidelity)
         for dup in waiting_on.pop(h, []):
-            extra = {"duplicate_of": job.trial.number}
+            extra = {"duplicate_of": job.trial.number, **scored.fidelity(h)}
             if values is None:
                 extra["error"] = f"duplicate of failed trial {job.trial.number}"
             finish(dup, values, extra)
@@ -342,7 +410,7 @@ class Runner:
         from mergesearch.search.front import pareto_front
 
         now = time.perf_counter()
-        if not force and now < getattr(self, "_front_due", 0.0):
+        if not force and now < self._front_due:
             return
         front = pareto_front(study)
         took = time.perf_counter() - now

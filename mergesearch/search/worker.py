@@ -80,11 +80,14 @@ class CandidateWorker:
                 "setup_s": round(self.setup_seconds, 3),
                 "resident_mb": round(self.engine.resident_bytes() / 2**20, 1)}
 
-    def evaluate(self, recipe_json: str | None) -> dict[str, Any]:
+    def evaluate(self, recipe_json: str | None, fraction: float = 1.0,
+                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """Merge ``recipe_json`` into the live model (None: score the base as is) and
-        score every objective. Never raises for a candidate's failure."""
+        score every objective but those in ``skip``, on ``fraction`` of their examples
+        where the evaluator can score a subset. Never raises for a candidate's failure."""
         result: dict[str, Any] = {"worker": self.name, "node": self.node, "values": {}, "metrics": {},
-                                  "error": None, "timings": {}}
+                                  "error": None, "timings": {}, "stderr": {}, "fraction": {},
+                                  "examples": 0}
         recipe = Recipe.model_validate_json(recipe_json) if recipe_json else None
         start = time.perf_counter()
         try:
@@ -101,13 +104,18 @@ class CandidateWorker:
             return result
         result["timings"]["merge_s"] = time.perf_counter() - start
         for ev in self.evaluators:
-            score = ev.score(recipe)
+            if ev.objective.name in skip:
+                continue
+            score = ev.score(recipe, fraction)
             result["timings"][f"{score.objective}_s"] = score.seconds
             result["metrics"].update({f"{score.objective}/{k}": v for k, v in score.metrics.items()})
+            result["examples"] += score.examples
             if not score.ok:
                 result["error"] = score.error
                 return result
             result["values"][score.objective] = score.value
+            result["stderr"][score.objective] = score.stderr
+            result["fraction"][score.objective] = score.fraction
         return result
 
 
