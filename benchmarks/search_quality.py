@@ -31,14 +31,16 @@ CHECKPOINTS = (25, 50, 100, 150)
 _problem = None  # per process: (config, space, worker, references)
 
 
-def load_problem(limit: int, population: int | None = None):
-    """The demo config with `limit` examples per objective, its search space, an
-    in-process worker, and the base's and experts' scores."""
+def load_problem(limit: int, population: int | None = None, methods: list[str] | None = None,
+                 fidelity: dict | None = None):
+    """The demo config with `limit` examples per objective (and, if given, these methods
+    and fidelity settings), an in-process worker, and the base's and experts' scores."""
     import torch
 
     from mergesearch.config import load_config, parse_config
     from mergesearch.merging import Checkpoint
     from mergesearch.recipe import Recipe
+    from mergesearch.search.fisher import fisher_files, uses_fisher
     from mergesearch.search.worker import CandidateWorker, resolve_models
 
     torch.set_num_threads(1)
@@ -48,9 +50,17 @@ def load_problem(limit: int, population: int | None = None):
         objective["limit"] = limit
     if population:
         snap["sampler"]["population_size"] = population
+    if methods:
+        snap["space"]["methods"] = {m: {} for m in methods}
+    if fidelity:
+        snap["fidelity"] = fidelity
+    snap["study"]["run_dir"] = str(ROOT / "runs" / "benchmark")  # where a Fisher cache goes
     config = parse_config(snap, root=root)
     base, sources = resolve_models(config)
-    worker = CandidateWorker(config.snapshot(), base, sources, threads=1)
+    fisher = None
+    if uses_fisher(config):
+        fisher = {m: str(f) for m, f in fisher_files(config, [base, *sources.values()], "cpu").items()}
+    worker = CandidateWorker(config.snapshot(), base, sources, threads=1, fisher=fisher)
     names = [o.name for o in config.objectives]
     references = [worker.evaluate(None)["values"]]
     for path in sources.values():
@@ -61,17 +71,23 @@ def load_problem(limit: int, population: int | None = None):
     return config, base, sources, num_layers, worker, reference
 
 
-def _init(limit: int, population: int | None) -> None:
+def _init(limit: int, population: int | None, methods: list[str] | None = None,
+          fidelity: dict | None = None) -> None:
     global _problem
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    _problem = load_problem(limit, population)
+    _problem = load_problem(limit, population, methods, fidelity)
 
 
-def run_sampler(sampler: str, seed: int, n_trials: int) -> dict:
-    """One search; returns its per-trial scores (NaN rows for failed candidates)."""
+def run_sampler(sampler: str, seed: int, n_trials: int, max_examples: int | None = None) -> dict:
+    """One search of `n_trials` (or until `max_examples` have been scored); returns its
+    per-trial scores (NaN rows for failed candidates and for candidates scored on a subset
+    only), the method of each, and the examples scored up to each trial. With
+    ``fidelity.enabled`` in the problem's config, candidates are promoted as the runner
+    promotes them."""
     import optuna
 
+    from mergesearch.search.runner import Scored
     from mergesearch.search.samplers import build_sampler, needs_flat_space
     from mergesearch.spaces import SearchSpace
 
@@ -86,22 +102,41 @@ def run_sampler(sampler: str, seed: int, n_trials: int) -> dict:
     study = optuna.create_study(
         sampler=build_sampler(config),
         directions=["maximize"] if weighted_sum else ["maximize"] * len(names))
-    rows, cache, started = [], {}, time.perf_counter()
+    scored = Scored(config)
+    rows, methods, examples, cache, started = [], [], [], {}, time.perf_counter()
     for _ in range(n_trials):
+        if max_examples is not None and examples and examples[-1] >= max_examples:
+            break
         trial = study.ask()
         recipe = space.sample(trial)
         key = recipe.hash()
+        spent = 0
         if key not in cache:
-            result = worker.evaluate(recipe.model_dump_json())
-            cache[key] = None if result["error"] else [result["values"][n] for n in names]
-        values = cache[key]
-        if values is None:
+            result = worker.evaluate(recipe.model_dump_json(), scored.first_fraction)
+            spent = result["examples"]
+            fidelity = min(result["fraction"].values(), default=1.0)
+            if not result["error"] and scored.promote(result):
+                skip = tuple(o for o, f in result["fraction"].items() if f >= 1)
+                full = worker.evaluate(recipe.model_dump_json(), 1.0, skip)
+                spent += full["examples"]
+                result = {**full, "values": {**result["values"], **full["values"]}}
+                fidelity = 1.0
+            if result["error"]:
+                cache[key] = None
+            else:
+                cache[key] = ([result["values"][n] for n in names], fidelity)
+                scored.add(key, result["values"], fidelity)
+        examples.append((examples[-1] if examples else 0) + spent)
+        methods.append(recipe.method)
+        if cache[key] is None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             rows.append([np.nan] * len(names))
             continue
+        values, fidelity = cache[key]
         study.tell(trial, float(np.mean(values)) if weighted_sum else values)
-        rows.append(values)
+        rows.append(values if fidelity >= 1 else [np.nan] * len(names))
     return {"sampler": sampler, "seed": seed, "values": rows, "unique": len(cache),
+            "methods": methods, "examples": examples,
             "seconds": time.perf_counter() - started, "reference": reference.tolist()}
 
 

@@ -17,7 +17,7 @@ from mergesearch.config import load_config
 from mergesearch.evaluators.lm_eval import scaled_limit
 from mergesearch.search import CandidateWorker, Runner, pareto_front, study_hypervolume
 from mergesearch.search.front import scored_trials
-from mergesearch.search.runner import _Scored
+from mergesearch.search.runner import Scored
 
 FIDELITY = {"enabled": True, "fraction": 0.25, "margin": 0.0}
 
@@ -64,10 +64,10 @@ def test_perplexity_on_a_subset_reads_its_first_windows_with_a_delta_method_stde
     assert score.stderr == pytest.approx(score.value * nll.std().item() / math.sqrt(3), rel=1e-5)
 
 
-def ledger(directions=("maximize", "maximize"), margin=2.0) -> _Scored:
+def ledger(directions=("maximize", "maximize"), margin=2.0) -> Scored:
     """Two full-fidelity points on the front: a = (0.8, 0.2) and b = (0.3, 0.7)."""
     objectives = [{"name": n, "evaluator": "cost", "direction": d} for n, d in zip("xy", directions)]
-    scored = _Scored(config(objectives, fidelity={**FIDELITY, "margin": margin}))
+    scored = Scored(config(objectives, fidelity={**FIDELITY, "margin": margin}))
     scored.add("front-a", {"x": 0.8, "y": 0.2})
     scored.add("front-b", {"x": 0.3, "y": 0.7})
     return scored

@@ -95,7 +95,7 @@ def start_ray(config: Config) -> None:
                  object_store_memory=config.workers.object_store_memory or 256 * 2**20, **kwargs)
 
 
-class _Scored:
+class Scored:
     """The recipes scored so far, by any driver sharing the study: their values by recipe
     hash, which were scored on a subset of the examples only, and whether a first-pass
     score could still enter the front (multi-fidelity)."""
@@ -229,7 +229,7 @@ class Runner:
         if self.config.budget.timeout:
             deadline = time.time() + self.config.budget.timeout
         trials = study.get_trials(deepcopy=False)
-        scored = _Scored(self.config)
+        scored = Scored(self.config)
         for t in trials:
             scored.add_trial(t)
         done = sum(counted(t) for t in trials)
@@ -372,7 +372,7 @@ class Runner:
         ref = job.actor.evaluate.remote(job.recipe.model_dump_json(), job.fraction, skip)
         in_flight[ref] = job
 
-    def _record(self, job: _InFlight, result: dict, finish, scored: _Scored, waiting_on) -> None:
+    def _record(self, job: _InFlight, result: dict, finish, scored: Scored, waiting_on) -> None:
         first = job.low or {}  # a promoted candidate's first pass
         timings = {**{f"first_{k}": v for k, v in first.get("timings", {}).items()},
                    **result.get("timings", {})}
