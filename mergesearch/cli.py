@@ -78,7 +78,11 @@ def merge(
         bar.update(task, description="merging", total=len(tv.names), completed=0)
         tv.merge_into(model, r, progress=lambda i, n: bar.update(task, completed=i))
         bar.update(task, description="writing", total=None)
-        path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r)
+        try:
+            path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r)
+        except OSError as e:  # disk full, permission denied: the previous folder is kept
+            kept = "; the previous folder is unchanged" if out_dir.exists() else ""
+            raise RecipeError(f"--out: cannot write {out_dir} ({e.strerror or e}){kept}") from None
     out.print(f"wrote {path}")
 
 

@@ -18,7 +18,9 @@ class _WeightMean(Evaluator):
 
 
 class FlakyEvaluator(_WeightMean):
-    """Raises for `ties` candidates, scores NaN for `dare_ties` ones."""
+    """Raises for `ties` candidates, scores NaN for `dare_ties` ones and -inf for
+    `della_linear` ones, and runs out of memory for `linear` ones: a real allocation the
+    CPU allocator refuses."""
 
     def measure(self, recipe):
         method = recipe.method if recipe else None
@@ -26,6 +28,12 @@ class FlakyEvaluator(_WeightMean):
             raise RuntimeError("ties is not allowed here")
         if method == "dare_ties":
             return float("nan"), {}
+        if method == "della_linear":
+            return float("-inf"), {}
+        if method == "linear":
+            import torch
+
+            torch.empty(2**60, dtype=torch.uint8)  # an exabyte
         return self.value(), {}
 
 

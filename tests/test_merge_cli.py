@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,12 +122,16 @@ def test_merge_into_keeps_gpt2_output_head_tied(families):
 # ---- atomic writes --------------------------------------------------------------------
 
 
-def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_path, monkeypatch):
-    f = families["llama"]
-    model = load_live_model(f["base"], torch.device("cpu"))
-    out = tmp_path / "merged"
+def saved(model_path: str, out: Path):
+    """A model saved to ``out``, and the bytes of every file that save wrote."""
+    model = load_live_model(model_path, torch.device("cpu"))
     save_model(model, out)
-    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    return model, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    model, previous = saved(families["llama"]["base"], out)
 
     def broken(self, path, **kwargs):
         Path(path, "model.safetensors").write_bytes(b"partial")  # a file, then the failure
@@ -143,11 +148,8 @@ def test_failed_write_leaves_no_folder_and_keeps_the_previous_one(families, tmp_
 
 
 def test_failed_final_rename_puts_the_previous_folder_back(families, tmp_path, monkeypatch):
-    f = families["gpt2"]
-    model = load_live_model(f["base"], torch.device("cpu"))
     out = tmp_path / "merged"
-    save_model(model, out)
-    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    model, previous = saved(families["gpt2"]["base"], out)
     real_replace = os.replace
 
     def replace(src, dst):
@@ -160,6 +162,69 @@ def test_failed_final_rename_puts_the_previous_folder_back(families, tmp_path, m
         save_model(model, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def disk_full_at(limit: int):
+    """For a child process: files larger than ``limit`` bytes cannot be written, and the
+    write fails with EFBIG (SIGXFSZ ignored) as a full disk fails with ENOSPC."""
+    import resource
+
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def test_disk_full_while_merging_keeps_the_previous_model_and_prints_one_error(families, tmp_path):
+    f = families["llama"]
+    recipe = write(ties_recipe(f), tmp_path)
+    out = tmp_path / "out"
+    first = subprocess.run([MERGESEARCH, "merge", str(recipe), "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    weights = (out / "model.safetensors").stat().st_size
+    again = subprocess.run([MERGESEARCH, "merge", str(write(ties_recipe(f, parameters={"density": 0.9}), tmp_path)),
+                            "--out", str(out)], capture_output=True, text=True, timeout=300,
+                           preexec_fn=disk_full_at(weights // 2))
+    assert again.returncode == 2, again.stderr
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in again.stderr + again.stdout
+    assert errors[0].startswith(f"error: --out: cannot write {out} (File too large")
+    assert errors[0].endswith("; the previous folder is unchanged")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no temporary folders
+
+
+def test_disk_full_while_exporting_keeps_the_previous_export(families, tmp_path):
+    f = families["llama"]
+    script = f"""
+import sys, optuna
+from mergesearch.config import parse_config
+from mergesearch.errors import StudyError
+from mergesearch.search.export import export_trial
+config = parse_config({{"models": {{"base": {f["base"]!r}, "sources": {{"s0": {f["s0"]!r}}}}},
+                        "objectives": [{{"name": "c", "evaluator": "cost"}}]}})
+recipe = {{"method": "task_arithmetic", "base_model": {f["base"]!r},
+          "models": [{{"model": {f["s0"]!r}, "parameters": {{"weight": float(sys.argv[1])}}}}]}}
+trial = optuna.trial.create_trial(values=[1.0], user_attrs={{"recipe": recipe}})
+try:
+    export_trial(config, trial, {str(tmp_path / "export")!r}, save_model=True)
+except StudyError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+    run = lambda weight, **kw: subprocess.run([sys.executable, "-c", script, str(weight)], capture_output=True,  # noqa: E731
+                                              text=True, timeout=300, **kw)
+    assert run(0.5).returncode == 0
+    export = tmp_path / "export"
+    previous = {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    weights = (export / "model" / "model.safetensors").stat().st_size
+    failed = run(0.7, preexec_fn=disk_full_at(weights // 2))
+    assert failed.returncode == 2 and "File too large" in failed.stderr, failed.stderr
+    assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} == previous
+    assert sorted(p.name for p in export.iterdir()) == ["mergekit.yaml", "model", "recipe.json"]
 
 
 # ---- bad input: exit code 2, one line naming the field or file, no traceback ---------

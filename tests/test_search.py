@@ -123,19 +123,25 @@ def test_status_reports_progress_and_best(finished_run):
 
 
 def test_failed_candidates_fail_alone_with_their_reason(tmp_path, demo_experts, ray_session):
-    """An evaluator that raises for one method and yields NaN for another: those trials
-    fail with their reasons, the others complete, and the study reaches its budget."""
-    path = write_config(tmp_path, n_trials=10, objectives=[
+    """An evaluator that raises for one method, yields NaN and -inf for two others, and
+    runs out of memory for a fourth: those trials fail with their reasons, the others
+    complete on the same workers, and the study reaches its budget."""
+    path = write_config(tmp_path, n_trials=14, objectives=[
         {"name": "flaky", "evaluator": "flaky_evaluator:FlakyEvaluator", "direction": "maximize"},
-    ], sampler={"name": "random", "seed": 3})
+    ], sampler={"name": "random", "seed": 3},
+        space={"methods": ["task_arithmetic", "ties", "dare_ties", "della_linear", "linear"]})
     study = Runner(load_config(path)).run()
     trials = [t for t in study.trials if counted(t)]
-    assert len(trials) == 10
+    assert len(trials) == 14
     errors = {t.user_attrs["recipe"]["method"]: t.user_attrs.get("error") for t in trials
               if t.state == TrialState.FAIL}
-    assert any("RuntimeError: ties is not allowed here" in (e or "") for e in errors.values())
-    assert any("score is nan" in (e or "") for e in errors.values())
-    assert any(t.state == TrialState.COMPLETE for t in trials)
+    assert set(errors) == {"ties", "dare_ties", "della_linear", "linear"}
+    assert "RuntimeError: ties is not allowed here" in errors["ties"]
+    assert "flaky: score is nan" in errors["dare_ties"]
+    assert "flaky: score is -inf" in errors["della_linear"]
+    assert "allocate memory" in errors["linear"]
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert completed and {t.user_attrs["recipe"]["method"] for t in completed} == {"task_arithmetic"}
 
 
 def test_dead_worker_is_replaced_and_its_trial_retried(tmp_path, demo_experts, ray_session):

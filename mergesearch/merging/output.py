@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from mergesearch.recipe import Recipe, RecipeError
 
@@ -29,7 +31,10 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old = None
     try:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        except SafetensorError as e:  # safetensors' own type for a failed write (disk full, ...)
+            raise OSError(errno.EIO, str(e).rpartition("I/O error: ")[2], str(tmp)) from e
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name
