@@ -96,3 +96,43 @@ def test_two_drivers_sharing_a_study_split_the_budget_and_evaluate_each_trial_on
     assert not [t for t in study.trials if "retry_of" in t.user_attrs]  # none taken from the other
     hashes = evaluated_hashes(study)
     assert len(hashes) == len(set(hashes))
+
+
+def test_search_waits_for_another_writer_holding_the_sqlite_lock(tmp_path, demo_experts, ray_session):
+    """Another process's write transaction holds the study's SQLite file for a few seconds,
+    as a backup, optuna-dashboard or a second driver can: the search waits for it instead
+    of failing, and completes its budget with nothing lost."""
+    import sqlite3
+    import threading
+
+    from mergesearch.config import load_config
+    from mergesearch.search import Runner
+
+    config = load_config(small_config(tmp_path, None, 3))
+    kept = completed(Runner(config).run())
+    db = tmp_path / "run" / "study.db"
+    held, released = threading.Event(), {}
+
+    def hold_lock(seconds: float) -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("UPDATE studies SET study_name = study_name")  # a write in progress
+        held.set()
+        time.sleep(seconds)
+        released["at"] = time.time()
+        conn.execute("COMMIT")
+        conn.close()
+
+    locker = threading.Thread(target=hold_lock, args=(6.0,))
+    locker.start()
+    held.wait(10)
+    config.budget.n_trials = 6  # the same study, resumed to a larger budget
+    study = Runner(config).run()
+    locker.join()
+    new = [t for t in study.trials if t.number not in kept]
+    assert len(kept) == 3 and len(new) == 3
+    assert sum(counted(t) for t in study.trials) == 6
+    assert {n: v for n, v in completed(study).items() if n in kept} == kept
+    assert all(t.state == TrialState.COMPLETE for t in new)
+    # the new trials were written after the lock was released: the search waited for it
+    assert min(t.datetime_start.timestamp() for t in new) >= released["at"] - 1.0
