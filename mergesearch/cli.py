@@ -48,6 +48,7 @@ def merge(
     recipe: Path = typer.Argument(..., help="Our recipe JSON or a mergekit YAML"),
     out_dir: Path = typer.Option(..., "--out", help="Folder to write the merged model to"),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when present)"),
+    trust_remote_code: bool = typer.Option(False, help="Allow the base model folder's own modelling code"),
 ):
     """Merge the models of RECIPE and write the result to --out (atomically)."""
     from rich.progress import Progress
@@ -59,6 +60,7 @@ def merge(
         save_model,
         validate_recipe,
     )
+    from mergesearch.merging.checkpoint import check_custom_code
     from mergesearch.recipe import Recipe, RecipeError
 
     r = Recipe.load(recipe)
@@ -69,12 +71,13 @@ def merge(
     names = [m for m in dict.fromkeys([base, *r.source_names()])]
     for m in names:
         Checkpoint.open(m)
+    check_custom_code(Checkpoint.open(base), trust_remote_code)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"{out_dir}: exists and is not a folder")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading models", total=None)
         tv = TaskVectors(base, names[1:], device=device)
-        model = load_live_model(tv.base.path, tv.device, r.dtype)
+        model = load_live_model(tv.base.path, tv.device, r.dtype, trust_remote_code=trust_remote_code)
         bar.update(task, description="merging", total=len(tv.names), completed=0)
         tv.merge_into(model, r, progress=lambda i, n: bar.update(task, completed=i))
         bar.update(task, description="writing", total=None)

@@ -150,6 +150,21 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: cannot load tokenizer ({e.__class__.__name__}: {e})") from None
 
 
+def check_custom_code(ckpt: Checkpoint, trust_remote_code: bool) -> None:
+    """A model whose architecture transformers only knows from code in its folder
+    (``auto_map`` in config.json, a ``model_type`` transformers lacks) is refused unless
+    the user allowed custom code. A known ``model_type`` is loaded with transformers' own
+    class, and the folder's code never runs."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = ckpt.config
+    if trust_remote_code or not cfg.get("auto_map") or cfg.get("model_type") in CONFIG_MAPPING:
+        return
+    raise CheckpointError(
+        f"{ckpt.name}: its architecture ({cfg.get('model_type')!r}) is defined by Python code in the "
+        "model folder (config.json auto_map); set models.trust_remote_code: true to run it")
+
+
 def check_compatible(base: Checkpoint, sources: list[Checkpoint]) -> None:
     """Refuse, with the first mismatching model, tensor or file named, any source that does
     not share the base's architecture, layer count, tensor names and shapes, and vocabulary."""

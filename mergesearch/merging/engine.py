@@ -21,6 +21,7 @@ from mergesearch.merging.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_compatible,
+    check_custom_code,
     layer_index,
 )
 from mergesearch.merging.lines import apply_lines, lines_scale
@@ -223,6 +224,7 @@ def load_live_model(model: str | Path, device: torch.device, dtype: str | None =
     Custom modelling code from the folder runs only with ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
 
+    check_custom_code(Checkpoint.open(str(model)), trust_remote_code)
     live = AutoModelForCausalLM.from_pretrained(
         model, dtype=getattr(torch, dtype.removeprefix("torch.")) if dtype else "auto",
         trust_remote_code=trust_remote_code).to(device)

@@ -195,12 +195,14 @@ class Runner:
         import ray
 
         from mergesearch.merging import Checkpoint, check_compatible
+        from mergesearch.merging.checkpoint import check_custom_code
         from mergesearch.spaces import SearchSpace
 
         # Everything a user can get wrong is refused before the study is touched: the
         # models and the space here, the tasks and metrics by the workers' set-up.
         self.base, self.sources = resolve_models(self.config)
         base = Checkpoint.open(self.base)
+        check_custom_code(base, self.config.models.trust_remote_code)
         check_compatible(base, [Checkpoint.open(p) for p in self.sources.values()])
         space = SearchSpace(self.config.space, self.base, self.sources, base.num_layers,
                             seed=self.config.seed, flat=needs_flat_space(self.config))

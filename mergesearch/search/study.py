@@ -104,10 +104,15 @@ def create_or_load(config: Config) -> optuna.Study:
 
 
 def write_run_file(config: Config) -> None:
+    """``run.json``: the storage URL and the study name. A URL with a password is kept as
+    the config wrote it, so that a password given as ``${VAR}`` is read from the
+    environment again on resume and never written down."""
     run = config.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    (run / "run.json").write_text(json.dumps(
-        {"storage": config.storage_url, "study": config.study.name}, indent=2) + "\n")
+    url = config.storage_url
+    if mask_password(url) != url:
+        url = config.study.storage
+    (run / "run.json").write_text(json.dumps({"storage": url, "study": config.study.name}, indent=2) + "\n")
 
 
 @dataclass
@@ -132,7 +137,7 @@ class RunRef:
             raise StudyError(f"{f}: not found; is {run} a run folder?") from None
         except json.JSONDecodeError as e:
             raise StudyError(f"{f}: corrupt ({e})") from None
-        return cls(data["storage"], data["study"])
+        return cls(os.path.expandvars(data["storage"]), data["study"])
 
     def load(self) -> optuna.Study:
         storage = open_storage(self.storage)
