@@ -74,7 +74,7 @@ def make_family(root: Path, args) -> dict[str, str]:
     return paths, n_params
 
 
-def recipe_for(method: str, paths: dict[str, str], n: int):
+def recipe_for(method: str, paths: dict[str, str], n: int, layers: int = 32):
     from mergesearch.recipe import Recipe
 
     srcs = [paths[f"src{i}"] for i in range(1, n + 1)]
@@ -90,8 +90,15 @@ def recipe_for(method: str, paths: dict[str, str], n: int):
         srcs = srcs[:2]
     if method in ("sce", "model_stock"):
         per = {}
+    if method in ("pcb", "consensus_ta", "consensus_ties"):
+        per["density"] = 0.5
+    if method == "layer_swap":
+        srcs, per, params = srcs[:2], {}, {"n_bottom": layers // 4, "n_top": layers // 4,
+                                              "transition": max(1, layers // 16)}
+    if method == "passthrough":
+        srcs, per = srcs[:1], {}
     models = [{"model": s, "parameters": dict(per)} for s in srcs]
-    base = None if method in ("linear", "passthrough") else paths["base"]
+    base = None if method in ("linear", "passthrough", "fisher", "layer_swap") else paths["base"]
     return Recipe(method=method, base_model=base, models=models, parameters=params)
 
 
@@ -120,13 +127,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--sources", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"])
+    ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"],
+                    help="merge methods, or 'all'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--disk", action="store_true", help="also time mergekit-yaml to disk + load")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    if args.methods == ["all"]:
+        from mergesearch.merging.registry import all_methods
+
+        args.methods = sorted(all_methods())
 
     from transformers import AutoModelForCausalLM
 
@@ -158,12 +170,21 @@ def main() -> None:
     bound = timeit(copy_bound, args.repeat)
     print(f"bandwidth bound (copy the inputs once + write the output once): {bound:.3f}s")
 
+    from mergesearch.merging import get_method
+
+    if any("fisher" in get_method(m).needs for m in args.methods):
+        # The time to merge does not depend on the Fisher's values: random positive ones
+        # stand in for a computed Fisher here (computing it is timed by nothing below).
+        g = torch.Generator().manual_seed(0)
+        tv.attach_fisher({m: {n: torch.rand(tv.stacks[n].shape[1:], generator=g) for n in tv.names}
+                          for m in tv.models[1:]})
+
     rows = []
     for method in args.methods:
-        recipe = recipe_for(method, paths, args.sources)
+        recipe = recipe_for(method, paths, args.sources, args.layers)
         ours = timeit(lambda r=recipe: tv.merge_into(model, r), args.repeat)
         row = {"method": method, "ours_s": ours, "bound_x": ours / bound}
-        if not args.no_mergekit:
+        if not args.no_mergekit and get_method(method).mergekit:
             row["mergekit_mem_s"] = mergekit_in_memory(recipe, model, args)
             row["mergekit_mem_x"] = row["mergekit_mem_s"] / ours
             if args.disk:
@@ -178,10 +199,13 @@ def main() -> None:
           + (" mergekit disk+load (s) | disk / ours |" if args.disk else ""))
     print("|---|---|---|---|---|" + ("---|---|" if args.disk else ""))
     for r in rows:
-        line = (f"| {r['method']} | {r['ours_s']:.3f} | {r['bound_x']:.1f}x | "
-                f"{r.get('mergekit_mem_s', float('nan')):.3f} | {r.get('mergekit_mem_x', float('nan')):.1f}x |")
-        if args.disk:
-            line += f" {r['mergekit_disk_s']:.2f} | {r['mergekit_disk_x']:.1f}x |"
+        line = f"| {r['method']} | {r['ours_s']:.3f} | {r['bound_x']:.1f}x |"
+        if "mergekit_mem_s" not in r:  # a method mergekit lacks, or --no-mergekit
+            line += " - | - |" + (" - | - |" if args.disk else "")
+        else:
+            line += f" {r['mergekit_mem_s']:.3f} | {r['mergekit_mem_x']:.1f}x |"
+            if args.disk:
+                line += f" {r['mergekit_disk_s']:.2f} | {r['mergekit_disk_x']:.1f}x |"
         print(line)
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
