@@ -183,3 +183,25 @@ def test_search_over_fisher_computes_each_models_fisher_once_beside_the_run(tmp_
     Runner(load_config(write_config(tmp_path, n_trials=6, space={"methods": ["fisher"]},
                                     fisher={"examples": 8, "seq_len": 32}))).run()
     assert [f.stat().st_mtime_ns for f in files] == stamps  # resumed: read from the cache
+
+
+def test_fisher_beside_bf16_weights_is_kept_in_bf16_and_merges_with_those_values(families, tmp_path):
+    paths = {}
+    for key in ("base", "s0", "s1"):
+        paths[key] = str(tmp_path / key)
+        AutoModelForCausalLM.from_pretrained(families["llama"][key], dtype=torch.bfloat16).save_pretrained(paths[key])
+    tv = TaskVectors(paths["base"], [paths["s0"], paths["s1"]], device="cpu")
+    g = torch.Generator().manual_seed(1)
+    fisher = {paths[k]: {n: torch.rand(tv.stacks[n].shape[1:], generator=g) * 1e-9 for n in tv.names}
+              for k in ("s0", "s1")}
+    tv.attach_fisher(fisher)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tv.fisher[name].dtype == torch.bfloat16
+    recipe = Recipe(method="fisher", parameters={"fisher_floor": 0.0},
+                    models=[{"model": paths["s0"], "parameters": {"weight": 1.0}},
+                            {"model": paths["s1"], "parameters": {"weight": 1.0}}])
+    out = dict(tv.merged_tensors(recipe))[name]
+    fa, fb = (fisher[paths[k]][name].bfloat16().float() for k in ("s0", "s1"))  # tiny values survive
+    a, b = (tv.stacks[name][tv.row(paths[k])].float() for k in ("s0", "s1"))
+    assert fa.min() > 0
+    torch.testing.assert_close(out, (fa * a + fb * b) / (fa + fb))

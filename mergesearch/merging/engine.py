@@ -72,7 +72,10 @@ class TaskVectors:
         total = torch.zeros(len(self.models), dtype=torch.float64)
         count = 0
         for name in self.names:
-            stack = torch.zeros(self.stacks[name].shape, dtype=torch.float32, device=self.device)
+            # Kept in bfloat16 beside 16-bit weights (float32's range, so no small Fisher
+            # value underflows; a weighting needs no more digits), else in float32.
+            dtype = torch.bfloat16 if self.stacks[name].element_size() <= 2 else torch.float32
+            stack = torch.zeros(self.stacks[name].shape, dtype=dtype, device=self.device)
             for r, f in rows.items():
                 if name not in f:
                     raise CheckpointError(f"{self.models[r]}: its Fisher information has no tensor {name}")
