@@ -311,8 +311,10 @@ class Config(_Strict):
 
 
 def mask_password(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    return re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db, and a password
+    given as a query parameter (``?password=secret``, as libpq accepts) likewise."""
+    url = re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def load_config(path: str | Path) -> Config:

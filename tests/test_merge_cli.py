@@ -197,36 +197,6 @@ def test_disk_full_while_merging_keeps_the_previous_model_and_prints_one_error(f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no temporary folders
 
 
-def test_disk_full_while_exporting_keeps_the_previous_export(families, tmp_path):
-    f = families["llama"]
-    script = f"""
-import sys, optuna
-from mergesearch.config import parse_config
-from mergesearch.errors import StudyError
-from mergesearch.search.export import export_trial
-config = parse_config({{"models": {{"base": {f["base"]!r}, "sources": {{"s0": {f["s0"]!r}}}}},
-                        "objectives": [{{"name": "c", "evaluator": "cost"}}]}})
-recipe = {{"method": "task_arithmetic", "base_model": {f["base"]!r},
-          "models": [{{"model": {f["s0"]!r}, "parameters": {{"weight": float(sys.argv[1])}}}}]}}
-trial = optuna.trial.create_trial(values=[1.0], user_attrs={{"recipe": recipe}})
-try:
-    export_trial(config, trial, {str(tmp_path / "export")!r}, save_model=True)
-except StudyError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-"""
-    run = lambda weight, **kw: subprocess.run([sys.executable, "-c", script, str(weight)], capture_output=True,  # noqa: E731
-                                              text=True, timeout=300, **kw)
-    assert run(0.5).returncode == 0
-    export = tmp_path / "export"
-    previous = {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()}
-    weights = (export / "model" / "model.safetensors").stat().st_size
-    failed = run(0.7, preexec_fn=disk_full_at(weights // 2))
-    assert failed.returncode == 2 and "File too large" in failed.stderr, failed.stderr
-    assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} == previous
-    assert sorted(p.name for p in export.iterdir()) == ["mergekit.yaml", "model", "recipe.json"]
-
-
 # ---- bad input: exit code 2, one line naming the field or file, no traceback ---------
 
 

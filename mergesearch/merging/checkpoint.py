@@ -142,27 +142,79 @@ class Checkpoint:
         """The tokenizer's vocabulary, or None when the folder has no tokenizer."""
         if not any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
             return None
+        if custom_tokenizer(self.path):
+            # Its class is Python code in the folder, never run here: the vocabulary is
+            # read from tokenizer.json where there is one, else it is not compared.
+            f = self.path / "tokenizer.json"
+            if not f.exists():
+                return None
+            from tokenizers import Tokenizer
+
+            try:
+                return Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot load tokenizer ({_first_line(e)})") from None
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.path).get_vocab()
+            # Never custom code (nor transformers' interactive prompt for it).
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False).get_vocab()
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot load tokenizer ({e.__class__.__name__}: {e})") from None
+            raise CheckpointError(f"{self.path}: cannot load tokenizer ({e.__class__.__name__}: "
+                                  f"{_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    """An error's message cut to one line (the CLI prints one line per error)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def check_custom_code(ckpt: Checkpoint, trust_remote_code: bool) -> None:
-    """A model whose architecture transformers only knows from code in its folder
-    (``auto_map`` in config.json, a ``model_type`` transformers lacks) is refused unless
-    the user allowed custom code. A known ``model_type`` is loaded with transformers' own
-    class, and the folder's code never runs."""
+    """A model whose architecture or tokenizer transformers only knows from code in its
+    folder (``auto_map`` in config.json or tokenizer_config.json, for a ``model_type`` or
+    ``tokenizer_class`` transformers lacks) is refused unless the user allowed custom
+    code. A known ``model_type`` is loaded with transformers' own class, and the folder's
+    code never runs."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cfg = ckpt.config
-    if trust_remote_code or not cfg.get("auto_map") or cfg.get("model_type") in CONFIG_MAPPING:
+    if trust_remote_code:
         return
-    raise CheckpointError(
-        f"{ckpt.name}: its architecture ({cfg.get('model_type')!r}) is defined by Python code in the "
-        "model folder (config.json auto_map); set models.trust_remote_code: true to run it")
+    cfg = ckpt.config
+    if cfg.get("auto_map") and cfg.get("model_type") not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{ckpt.name}: its architecture ({cfg.get('model_type')!r}) is defined by Python code in the "
+            "model folder (config.json auto_map); set models.trust_remote_code: true to run it")
+    code = custom_tokenizer(ckpt.path)
+    if code:
+        raise CheckpointError(
+            f"{ckpt.name}: its tokenizer ({code}) is defined by Python code in the model folder "
+            "(tokenizer_config.json auto_map); set models.trust_remote_code: true to run it")
+
+
+def custom_tokenizer(path: Path) -> str | None:
+    """The folder's own tokenizer code (``module.Class``) that transformers would have to
+    run to load its tokenizer: an ``AutoTokenizer`` entry in ``auto_map`` of
+    tokenizer_config.json or config.json, for a ``tokenizer_class`` transformers lacks."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    entries = []
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        ref = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+        refs = [r for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str) and r]
+        if refs:
+            entries.append((refs, data.get("tokenizer_class")))
+    for refs, cls in entries:
+        known = isinstance(cls, str) and (tokenizer_class_from_name(cls.removesuffix("Fast"))
+                                          or tokenizer_class_from_name(cls.removesuffix("Fast") + "Fast"))
+        if not known:
+            return refs[-1]
+    return None
 
 
 def check_compatible(base: Checkpoint, sources: list[Checkpoint]) -> None:

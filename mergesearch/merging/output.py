@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
         try:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         except SafetensorError as e:  # safetensors' own type for a failed write (disk full, ...)
-            raise OSError(errno.EIO, str(e).rpartition("I/O error: ")[2], str(tmp)) from e
+            raise _os_error(e, tmp) from e
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name
@@ -59,6 +60,15 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
             os.replace(old, out)  # the new folder never arrived: put the previous one back
         raise
     return out
+
+
+def _os_error(e: SafetensorError, path: Path) -> OSError:
+    """safetensors' "I/O error: File too large (os error 27)" as the OSError it was."""
+    message = str(e).rpartition("I/O error: ")[2]
+    code = re.search(r"\(os error (\d+)\)\s*$", message)
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    return OSError(errno.EIO, message, str(path))
 
 
 def _fsync_tree(path: Path) -> None:

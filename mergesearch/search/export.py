@@ -23,12 +23,20 @@ def trial_recipe(trial: FrozenTrial) -> Recipe:
 
 def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model: bool = False) -> Path:
     """Write the trial's recipe (ours and mergekit's) and, with ``save_model``, the merged
-    checkpoint. Every file is replaced atomically, so an export that fails part-way
-    leaves the previous export intact."""
+    checkpoint. The recipe files are written beside their targets first and renamed into
+    place last, and the model folder is replaced atomically, so an export that fails
+    part-way (disk full, permission denied) leaves the previous export intact."""
     recipe = trial_recipe(trial)
     out = Path(out)
+    previous = any((out / name).exists() for name in ("recipe.json", "mergekit.yaml", "model"))
+    staged: list[tuple[str | None, Path]] = []  # (temporary file or None: remove, target)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        staged.append((_stage(out / "recipe.json", recipe.to_json() + "\n"), out / "recipe.json"))
+        try:
+            staged.append((_stage(out / "mergekit.yaml", recipe.to_mergekit_yaml()), out / "mergekit.yaml"))
+        except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
+            staged.append((None, out / "mergekit.yaml"))
         if save_model:
             from mergesearch.merging import TaskVectors, load_live_model
             from mergesearch.merging import save_model as write_model
@@ -44,13 +52,19 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
                                     trust_remote_code=config.models.trust_remote_code)
             engine.merge_into(model, recipe)
             write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe)
-        _write_atomic(out / "recipe.json", recipe.to_json() + "\n")
-        try:
-            _write_atomic(out / "mergekit.yaml", recipe.to_mergekit_yaml())
-        except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
-            (out / "mergekit.yaml").unlink(missing_ok=True)
+        while staged:
+            tmp, target = staged.pop(0)
+            if tmp is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, target)
     except OSError as e:
-        raise StudyError(f"{e.filename or out}: cannot write export ({e.strerror})") from None
+        kept = "; the previous export is unchanged" if previous else ""
+        raise StudyError(f"--out: cannot write {out} ({e.strerror or e}){kept}") from None
+    finally:
+        for tmp, _ in staged:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     return out
 
 
@@ -60,14 +74,15 @@ def _config_base(config: Config) -> str:
     return resolve_models(config)[0]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _stage(path: Path, text: str) -> str:
+    """``text`` written and synced to a temporary file beside ``path``, for `os.replace`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp

@@ -10,6 +10,7 @@ retried a bounded number of times; an identical recipe is never evaluated twice.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -76,6 +77,7 @@ class _InFlight:
     actor: Any = None
     submitted: float = 0.0
     fraction: float = 1.0  # of each objective's examples this pass scores
+    seq: int = 0  # submission order (an actor runs its calls in this order)
     low: dict | None = None  # the first pass's result, once promoted to the full set
 
 
@@ -154,6 +156,7 @@ class Runner:
         self.objectives = [o.name for o in config.objectives]
         self.fisher: dict[str, str] | None = None  # model -> Fisher cache file, for `fisher`
         self._front_due = 0.0  # when the progress line's front is next recomputed
+        self._submissions = itertools.count()
 
     # ---- workers ----------------------------------------------------------------------
 
@@ -242,6 +245,7 @@ class Runner:
         in_flight: dict[Any, _InFlight] = {}
         waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
         idle = list(range(len(self.workers))) * SLOTS_PER_WORKER  # free slots, by worker
+        ran_on_dead: dict[int, tuple[Any, int]] = {}  # dead actor -> (it, the submission it ran)
 
         def budget_left() -> bool:
             if deadline is not None and time.time() >= deadline:
@@ -314,11 +318,19 @@ class Runner:
                             # retry this trial on the new one, a bounded number of times.
                             if self.workers[job.worker] is job.actor:  # not yet replaced
                                 self.workers[job.worker] = self._spawn(job.worker)
-                            if job.attempts <= self.config.workers.max_retries:
-                                job.attempts += 1
+                            # An actor runs its calls in order: of the candidates it held,
+                            # only the first submitted was running. The one queued behind
+                            # it never ran, and goes to the new worker without a charge.
+                            if id(job.actor) not in ran_on_dead:  # the handle is kept: ids stay unique
+                                ran_on_dead[id(job.actor)] = (job.actor, min(
+                                    [job.seq, *(j.seq for j in in_flight.values() if j.actor is job.actor)]))
+                            running = job.seq == ran_on_dead[id(job.actor)][1]
+                            if not running or job.attempts <= self.config.workers.max_retries:
+                                job.attempts += running
                                 self._submit(in_flight, job)
                                 continue
-                            result = {"error": f"worker died {job.attempts} times: {_actor_cause(e)}",
+                            times = "time" if job.attempts == 1 else "times"
+                            result = {"error": f"worker died {job.attempts} {times}: {_actor_cause(e)}",
                                       "values": {}, "metrics": {}, "timings": {}, "worker": None}
                         if job.fraction < 1 and not result.get("error") and scored.promote(result):
                             job.low, job.fraction = result, 1.0  # the full set, same slot
@@ -367,6 +379,7 @@ class Runner:
         return scores
 
     def _submit(self, in_flight: dict, job: _InFlight) -> None:
+        job.seq = next(self._submissions)
         job.submitted = time.time()
         job.actor = self.workers[job.worker]
         # A second, full-fidelity pass skips the objectives the first pass scored in full.
