@@ -76,6 +76,52 @@ def test_driver_killed_at_random_moments_loses_nothing(tmp_path, demo_experts, s
     assert len(hashes) == len(set(hashes))  # no recipe evaluated twice
 
 
+OPENER = """
+import sys
+from mergesearch.search.study import open_storage
+print("ready", flush=True)
+for url in sys.stdin:
+    try:
+        open_storage(url.strip())
+        print("ok", flush=True)
+    except Exception as e:
+        print(e, flush=True)
+"""
+
+
+def fresh_database(tmp_path, storage, round_: int) -> str:
+    """A database no driver has opened yet: a new SQLite file, or a new PostgreSQL schema."""
+    kind, url = storage
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/fresh{round_}.db"
+    import sqlalchemy
+
+    schema = f"fresh_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    return f"{url}?options=-csearch_path%3D{schema}"
+
+
+def test_drivers_opening_a_new_database_at_the_same_moment_all_succeed(tmp_path, storage):
+    openers = [subprocess.Popen([MERGESEARCH[0], "-c", OPENER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for proc in openers:
+            assert proc.stdout.readline().strip() == "ready"
+        for round_ in range(3):  # each round: four processes create one schema together
+            url = fresh_database(tmp_path, storage, round_)
+            for proc in openers:
+                proc.stdin.write(url + "\n")
+                proc.stdin.flush()
+            assert [proc.stdout.readline().strip() for proc in openers] == ["ok"] * 4
+    finally:
+        for proc in openers:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
 def test_two_drivers_sharing_a_study_split_the_budget_and_evaluate_each_trial_once(
         tmp_path, demo_experts, storage):
     _, url = storage

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 import uuid
@@ -30,6 +31,8 @@ DRIVER_PREFIX = "mergesearch.driver."
 # A driver that has not written its heartbeat for this long is taken for dead.
 STALE_AFTER_S = 60.0
 HEARTBEAT_S = 10.0
+# Opening a new database loses a race to create its schema at most this often.
+SCHEMA_RACE_TRIES = 5
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -38,21 +41,41 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for any SQLAlchemy URL, or ``journal:PATH`` for a journal file.
 
     Connection problems are refused as a `StudyError` naming the (masked) URL."""
-    try:
-        if url.startswith("journal:"):
-            path = Path(url.removeprefix("journal:"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            # Wait for a writer holding the lock instead of failing at once.
-            storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-            _write_ahead_log(storage.engine)
-            return storage
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise StudyError(f"study.storage: cannot open {mask_password(url)} ({msg})") from None
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return _open(url)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            if attempt + 1 < SCHEMA_RACE_TRIES and _lost_schema_race(e):
+                time.sleep(0.1 * (attempt + 1) + random.random() * 0.1)
+                continue
+            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            raise StudyError(f"study.storage: cannot open {mask_password(url)} ({msg})") from None
+    raise AssertionError("unreachable")
+
+
+def _open(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Wait for a writer holding the lock instead of failing at once.
+        storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        _write_ahead_log(storage.engine)
+        return storage
+    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def _lost_schema_race(error: Exception) -> bool:
+    """Two drivers opening a new database at once both create Optuna's tables and its
+    schema-version row; the slower one fails on what the faster one just created. Opening
+    again finds the schema in place."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(error, IntegrityError):
+        return True
+    return isinstance(error, (OperationalError, ProgrammingError)) and "already exists" in str(error)
 
 
 def _write_ahead_log(engine) -> None:
