@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mergesearch.merging import TaskVectors, sparsify
+from mergesearch.merging import TaskVectors, load_live_model, sparsify
 from mergesearch.merging.registry import MergeInputs, get_method
 from mergesearch.recipe import Recipe
 
@@ -318,6 +318,65 @@ def test_exact_rank_selection_matches_a_full_sort(n, start, stop):
     assert values[mask].min() >= order[start] and values[mask].max() <= order[stop - 1]
 
 
+def test_cached_ranks_select_the_entries_rank_selection_does():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(70_000, generator=g).abs().to(torch.bfloat16).float()  # many ties
+    ranks = sparsify.ascending_ranks(values)
+    assert torch.equal(ranks.sort().values, torch.arange(70_000, dtype=torch.int32))
+    for start, stop in [(0, 700), (35_000, 70_000), (1_000, 69_000)]:
+        picked = (ranks >= start) & (ranks < stop)
+        assert torch.equal(picked, sparsify.select_range(values, start, stop))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "della", "consensus_ties"])
+def test_a_worker_keeping_ranks_merges_what_one_recomputing_them_does(method, families):
+    f = families["llama"]
+    knobs = {"density": 0.4, **({"epsilon": 0.1} if method == "della" else {})}
+    recipe = Recipe(method=method, base_model=f["base"], seed=2, models=[
+        {"model": f["s0"], "parameters": {"weight": 0.7, **knobs}},
+        {"model": f["s1"], "parameters": {"weight": 0.4, **knobs, "density": 0.7}}])
+    fresh = dict(TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
+                 .merged_tensors(recipe))
+    keeping = TaskVectors(f["base"], [f["s1"], f["s0"]], device="cpu", cache=True)
+    swapped = recipe.model_copy(update={"models": recipe.models[::-1]})
+    dict(keeping.merged_tensors(swapped))  # ranks computed for the other order first
+    kept = dict(keeping.merged_tensors(recipe))
+    assert keeping.derived_cache  # ranks were kept
+    assert fresh.keys() == kept.keys() and all(torch.equal(fresh[k], kept[k]) for k in fresh)
+
+
+@pytest.mark.parametrize("method,knobs,lines", [
+    ("task_arithmetic", {"lambda": 0.8}, None),
+    ("task_arithmetic", {"normalize": True}, {"alpha": 0.5, "beta": 0.3}),
+    ("linear", {}, None),
+    ("linear", {"normalize": False}, None),
+])
+def test_weighted_sums_from_resident_weights_equal_the_methods_own_arithmetic(
+        method, knobs, lines, families, monkeypatch):
+    from dataclasses import replace
+
+    from mergesearch.merging.registry import METHODS
+
+    f = families["llama"]
+    recipe = Recipe(method=method, base_model=None if method == "linear" else f["base"],
+                    parameters=knobs, lines=lines, models=[
+                        {"model": f["s0"], "parameters": {"weight": [0.2, 0.9]}},
+                        {"model": f["s1"], "parameters": {"weight": 0.5}},
+                        *([{"model": f["base"], "parameters": {"weight": 0.3}}] if method == "linear" else [])])
+    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    monkeypatch.setattr("mergesearch.merging.engine.COMBINE_BLOCK", 1000)  # many blocks a tensor
+    summed = dict(tv.merged_tensors(recipe))
+    live = load_live_model(f["base"], tv.device, dtype="float32")
+    tv.merge_into(live, recipe)  # written block by block straight into the parameters
+    monkeypatch.setitem(METHODS, method, replace(METHODS[method], combination=None))
+    reference = dict(tv.merged_tensors(recipe))
+    assert summed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.allclose(summed[name], tensor, atol=1e-7, rtol=1e-6), name
+    for name, param in live.named_parameters():
+        assert torch.allclose(param, reference[name], atol=1e-7, rtol=1e-6), name
+
+
 # ---- reproducibility ------------------------------------------------------------------
 
 NAME = "model.layers.3.mlp.up_proj.weight"
@@ -355,7 +414,7 @@ def test_dare_ties_is_bit_identical_across_runs_tensor_order_and_load_order(fami
     tv = TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
     a = dict(tv.merged_tensors(recipe))
     assert all(torch.equal(a[k], v) for k, v in tv.merged_tensors(recipe))  # merged twice
-    other = TaskVectors(f["base"], [f["s2"], f["s0"]], device="cpu", cache_random=False)
+    other = TaskVectors(f["base"], [f["s2"], f["s0"]], device="cpu", cache=False)
     other.names.reverse()  # tensors processed in the opposite order
     b = dict(other.merged_tensors(recipe))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -73,6 +73,12 @@ class MergeInputs:
     seed: int = 0
     workspace: torch.Tensor | None = field(default=None, repr=False)  # where deltas may go
     random_cache: dict | None = field(default=None, repr=False)  # see `uniform`
+    # Tensors derived from one task vector alone (not from the recipe's knobs), kept by the
+    # engine across candidates where that beats recomputing them (see `derived`); keyed by
+    # the engine rows of the base and of each input.
+    derived_cache: dict | None = field(default=None, repr=False)
+    rows: tuple[int, ...] | None = None
+    base_row: int | None = None
     layer: int | None = None  # the transformer block of this tensor (None: embeddings, head)
     num_layers: int = 1  # blocks in the model
     # Side inputs, present when the method declares it `needs` them: each input's diagonal
@@ -87,6 +93,19 @@ class MergeInputs:
         if self.workspace is None:
             return self.models - self.base
         return torch.sub(self.models, self.base, out=self.workspace)
+
+    def derived(self, kind: str, i: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``compute()``, a tensor that depends on input i's task vector alone (say, the
+        magnitude ranks of its entries), computed once per engine and reused by every later
+        candidate; None where the engine keeps no such cache (a GPU, where the methods'
+        cheap-to-recompute path is faster than reading a cached copy)."""
+        if self.derived_cache is None or self.rows is None:
+            return None
+        key = (kind, self.name, self.base_row, self.rows[i])
+        value = self.derived_cache.get(key)
+        if value is None:
+            value = self.derived_cache[key] = compute()
+        return value
 
     def uniform(self, stream: int, shape: torch.Size | None = None) -> torch.Tensor:
         """Uniform [0, 1) numbers, identical on every device and in any tensor order.
@@ -143,6 +162,10 @@ class MergeMethod:
     mergekit: bool = True
     doc: str = field(default="", repr=False)
     needs: tuple[str, ...] = ()  # side inputs besides the weights, e.g. ("fisher",)
+    # For a method whose result is a weighted sum of its inputs: the knobs -> (the base's
+    # coefficient, each input's). The engine then sums the resident weights directly
+    # (`TaskVectors._combine`); ``fn`` stays the reference it is tested against.
+    combination: Callable[..., tuple[float, list[float]]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -170,6 +193,7 @@ def merge_method(
     reference: str = "",
     mergekit: bool = True,
     needs: tuple[str, ...] = (),
+    combination: Callable[..., tuple[float, list[float]]] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name`` with its knobs."""
 
@@ -178,7 +202,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         METHODS[name] = MergeMethod(
             name, fn, tuple(params), base, min_sources, max_sources, random, reference,
-            mergekit, (fn.__doc__ or "").strip(), tuple(needs),
+            mergekit, (fn.__doc__ or "").strip(), tuple(needs), combination,
         )
         return fn
 

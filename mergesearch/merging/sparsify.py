@@ -3,6 +3,11 @@
 Each function takes one task vector and returns it masked (and, with ``rescale``,
 rescaled to keep its L1 norm, as mergekit 0.1.5 does). Random masks compare a uniform
 tensor from ``MergeInputs.uniform`` with the keep probability, so they are reproducible.
+
+A task vector is the same for every candidate of a search, so what depends on it alone,
+the magnitude ranks of its entries, can be computed once per worker (`ascending_ranks`,
+`row_rank_fraction`) and passed in: selection then costs a comparison per entry instead
+of a selection or a sort.
 """
 
 from __future__ import annotations
@@ -10,14 +15,18 @@ from __future__ import annotations
 import torch
 
 
-def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    masked = tensor * mask
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7,
+             inplace: bool = False) -> torch.Tensor:
+    """``tensor * mask``, times the ratio of L1 norms before and after with ``rescale``;
+    written into ``tensor`` itself with ``inplace`` (its caller owns it)."""
+    before = tensor.abs().sum() if rescale else None
+    masked = tensor.mul_(mask) if inplace else tensor * mask
     if not rescale:
         return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
+    after = masked.abs().sum()
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -48,6 +57,22 @@ def kth_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     return kth, _count(values < kth)
 
 
+def ascending_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's 0-based rank in ascending order (among equal values the earlier comes
+    first, as in `select_range`), int32, in the shape of ``values``."""
+    flat = values.reshape(-1)
+    order = flat.sort(stable=True).indices
+    ranks = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    ranks[order] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+    return ranks.reshape(values.shape)
+
+
+def _ranked_range(ranks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    if start <= 0:
+        return ranks < stop
+    return (ranks >= start) & (ranks < stop)
+
+
 def select_range(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Boolean mask of the entries ranked start..stop-1 in ascending order (exactly
     stop - start of them; among equal values, the earlier ones come first)."""
@@ -72,49 +97,72 @@ def _rank_at_least(values: torch.Tensor, r: int) -> torch.Tensor:
     return mask
 
 
-def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (at least one)."""
+def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False,
+              ranks: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (at least one).
+    ``ranks``: `ascending_ranks` of ``tensor.abs()``, where the caller keeps them."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     n = tensor.numel()
     k = max(1, int(density * n))
+    if ranks is not None:
+        return rescaled(tensor, ranks >= n - k, rescale, inplace=inplace)
     keep = select_range(tensor.abs().reshape(-1), n - k, n)
-    return rescaled(tensor, keep.reshape(tensor.shape), rescale)
+    return rescaled(tensor, keep.reshape(tensor.shape), rescale, inplace=inplace)
 
 
 def magnitude_outliers(
-    tensor: torch.Tensor, density: float, gamma: float, rescale: bool = False
+    tensor: torch.Tensor, density: float, gamma: float, rescale: bool = False,
+    ranks: torch.Tensor | None = None, inplace: bool = False,
 ) -> torch.Tensor:
     """Breadcrumbs: drop the ``gamma`` fraction of largest entries, then the smallest,
-    keeping ``density`` of them (the outlier cut shrinks if needed to keep the density)."""
+    keeping ``density`` of them (the outlier cut shrinks if needed to keep the density).
+    ``ranks`` as in `magnitude`."""
     if density >= 1:
         return tensor
     n = tensor.numel()
     target = int(density * n)
     n_bottom = max(0, n - target - int(gamma * n))
     if target == 0:
-        return rescaled(tensor, torch.zeros_like(tensor), rescale)
-    keep = select_range(tensor.abs().reshape(-1), n_bottom, n_bottom + target)
-    return rescaled(tensor, keep.reshape(tensor.shape), rescale)
+        return rescaled(tensor, torch.zeros_like(tensor), rescale, inplace=inplace)
+    if ranks is not None:
+        keep = _ranked_range(ranks, n_bottom, n_bottom + target)
+    else:
+        keep = select_range(tensor.abs().reshape(-1), n_bottom, n_bottom + target).reshape(tensor.shape)
+    return rescaled(tensor, keep, rescale, inplace=inplace)
 
 
 def bernoulli(
-    tensor: torch.Tensor, density: float, uniform: torch.Tensor, rescale: bool = False
+    tensor: torch.Tensor, density: float, uniform: torch.Tensor, rescale: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``."""
     if density >= 1:
         return tensor
-    return rescaled(tensor, uniform < density, rescale)
+    return rescaled(tensor, uniform < density, rescale, inplace=inplace)
+
+
+def row_rank_fraction(tensor: torch.Tensor) -> torch.Tensor:
+    """DELLA's normalised magnitude rank of each entry within its row: 0 for a row's
+    smallest, 1 for its largest (float32, rows as `della_magprune` sees them)."""
+    rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty_like(order)  # the inverse permutation: argsort of argsort, one sort
+    ranks.scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
+    ranks = ranks.to(torch.float32)
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    return ((ranks - lo) / (hi - lo)).clamp(0, 1)
 
 
 def della_magprune(
     tensor: torch.Tensor, density: float, epsilon: float, uniform: torch.Tensor,
-    rescale: bool = False,
+    rescale: bool = False, rank_fraction: torch.Tensor | None = None, inplace: bool = False,
 ) -> torch.Tensor:
     """DELLA: keep probabilities rise linearly with each entry's magnitude rank within its
-    row, from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
+    row, from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    ``rank_fraction``: `row_rank_fraction` of ``tensor``, where the caller keeps it."""
     if density >= 1:
         return tensor
     if density <= 0:
@@ -122,12 +170,7 @@ def della_magprune(
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density +/- epsilon inside (0, 1)")
     rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
-    order = rows.abs().argsort(dim=1)
-    ranks = torch.empty_like(order)  # the inverse permutation: argsort of argsort, one sort
-    ranks.scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
-    ranks = ranks.to(torch.float32)
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    rank_norm = row_rank_fraction(tensor) if rank_fraction is None else rank_fraction
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     mask = uniform.reshape(rows.shape) < probs
-    return rescaled(rows, mask, rescale).reshape(tensor.shape)
+    return rescaled(rows, mask, rescale, inplace=inplace).reshape(tensor.shape)

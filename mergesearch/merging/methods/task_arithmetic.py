@@ -38,6 +38,14 @@ def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
     return torch.where(votes >= 0, deltas > 0, deltas < 0)
 
 
+def elected_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election by sum, as +1.0 / -1.0 per entry (zero votes elect +1, as in
+    mergekit; only entries whose deltas are all zero can sum to -0.0, and for those the
+    elected sign changes nothing)."""
+    votes = deltas.sum(dim=0)
+    return torch.ones_like(votes).copysign_(votes)
+
+
 def generalized_task_arithmetic(
     x: MergeInputs,
     *,
@@ -50,28 +58,39 @@ def generalized_task_arithmetic(
     deltas = x.deltas  # a fresh tensor: updated in place to spare memory passes
     if sparsifier is not None:
         for i in range(deltas.shape[0]):
-            deltas[i] = sparsifier(i, deltas[i])
+            out = sparsifier(i, deltas[i])
+            if out.data_ptr() != deltas[i].data_ptr():  # a sparsifier that made a new tensor
+                deltas[i] = out
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
-    deltas.mul_(w)
+    deltas.mul_(w.reshape(-1, *([1] * (deltas.dim() - 1))))
     if consensus:
-        mask = sign_consensus(deltas)
-        mixed = deltas.mul_(mask).sum(dim=0)
+        # TIES's disjoint merge in float arithmetic alone (mixed bool/float kernels are
+        # several times slower on CPU): with s the elected sign, an entry agrees where
+        # d*s > 0, so s * sum(relu(d*s)) sums the agreeing entries, exactly.
+        sign = elected_sign(deltas)
+        agreeing = deltas.mul_(sign).relu_()
+        mixed = agreeing.sum(dim=0)
         if normalize:  # the disjoint mean: divide by the weights that agree
-            divisor = torch.zeros_like(mixed)
-            for i, wi in enumerate(weight):
-                divisor.add_(mask[i], alpha=wi)
+            divisor = torch.tensordot(w, agreeing.sign_(), dims=1)
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
+        mixed.mul_(sign)
     else:
         mixed = deltas.sum(dim=0)
         if normalize:
-            divisor = w.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-            mixed.div_(divisor)
+            divisor = w.sum()
+            mixed.div_(divisor if divisor.abs() >= 1e-8 else 1)
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(x.base)
+
+
+def task_arithmetic_coefficients(*, weight: list[float], normalize: bool, **knobs) -> tuple[float, list[float]]:
+    """base + lambda * sum_i w_i (m_i - base) / D as coefficients of base and the m_i."""
+    total = sum(weight)
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    coefs = [knobs["lambda"] * w / divisor for w in weight]
+    return 1.0 - sum(coefs), coefs
 
 
 def _register(name, *, consensus, kind, default_normalize, default_rescale, reference):
@@ -87,13 +106,20 @@ def _register(name, *, consensus, kind, default_normalize, default_rescale, refe
     def method(x: MergeInputs, *, weight, density=None, gamma=None, epsilon=None,
                normalize, rescale, int8_mask, **knobs) -> torch.Tensor:
         def sparsifier(i: int, delta: torch.Tensor) -> torch.Tensor:
-            if kind == "magnitude":
-                return sparsify.magnitude(delta, density[i], rescale)
+            # ``delta`` is a row of the method's own deltas: masked in place
             if kind == "random":
-                return sparsify.bernoulli(delta, density[i], x.uniform(i), rescale)
-            if kind == "outliers":
-                return sparsify.magnitude_outliers(delta, density[i], gamma[i], rescale)
-            return sparsify.della_magprune(delta, density[i], epsilon[i], x.uniform(i), rescale)
+                return sparsify.bernoulli(delta, density[i], x.uniform(i), rescale, inplace=True)
+            if density[i] >= 1:
+                return delta
+            if kind == "della":
+                fraction = x.derived("della_rank", i, lambda: sparsify.row_rank_fraction(delta))
+                return sparsify.della_magprune(delta, density[i], epsilon[i], x.uniform(i),
+                                               rescale, fraction, inplace=True)
+            ranks = x.derived("magnitude_rank", i, lambda: sparsify.ascending_ranks(delta.abs()))
+            if kind == "magnitude":
+                return sparsify.magnitude(delta, density[i], rescale, ranks, inplace=True)
+            return sparsify.magnitude_outliers(delta, density[i], gamma[i], rescale, ranks,
+                                               inplace=True)
 
         # int8_mask only changes the dtype mergekit holds the sign mask in; the result
         # is identical, so it is accepted and ignored.
@@ -105,7 +131,8 @@ def _register(name, *, consensus, kind, default_normalize, default_rescale, refe
     method.__name__ = name
     method.__doc__ = f"{name}: generalized task arithmetic ({reference})."
     merge_method(name, params, base="required", random=kind in ("random", "della"),
-                 reference=reference)(method)
+                 reference=reference,
+                 combination=task_arithmetic_coefficients if kind is None else None)(method)
 
 
 _register("task_arithmetic", consensus=False, kind=None, default_normalize=False,
