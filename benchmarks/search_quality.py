@@ -11,7 +11,8 @@ Samplers: `nsga2`, `tpe`, `gp`, `random`, and `cmaes-ws`, what mergekit-evolve d
 on one objective, the mean of the three (its trials' three scores still make its front).
 
     python benchmarks/search_quality.py [--samplers nsga2 tpe gp random cmaes-ws]
-        [--seeds 3] [--trials 150] [--limit 30] [--jobs 2] [--out benchmarks/search_quality.png]
+        [--seeds 3] [--first-seed 0] [--trials 150] [--limit 30] [--jobs 2] [--population N]
+        [--nsga2 crossover=blx alpha=0.5 mutation_prob=0.1] [--out benchmarks/search_quality.png]
 """
 
 from __future__ import annotations
@@ -72,11 +73,39 @@ def load_problem(limit: int, population: int | None = None, methods: list[str] |
 
 
 def _init(limit: int, population: int | None, methods: list[str] | None = None,
-          fidelity: dict | None = None) -> None:
+          fidelity: dict | None = None, nsga2: dict | None = None) -> None:
     global _problem
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _problem = load_problem(limit, population, methods, fidelity)
+    if nsga2:
+        _use_nsga2_variant(nsga2)
+
+
+def _use_nsga2_variant(options: dict) -> None:
+    """Make `nsga2` an NSGA-II with another crossover or mutation probability, to compare
+    variants with the default (``crossover``: uniform, blx, sbx; ``alpha`` for blx;
+    ``mutation_prob``)."""
+    import optuna
+    from optuna.samplers import nsgaii
+
+    from mergesearch.search import samplers
+
+    default = samplers.build_sampler
+
+    def build(config, offset=0):
+        if config.sampler.name != "nsga2":
+            return default(config, offset)
+        crossover = {"uniform": lambda: nsgaii.UniformCrossover(),
+                     "sbx": lambda: nsgaii.SBXCrossover(),
+                     "blx": lambda: nsgaii.BLXAlphaCrossover(alpha=float(options.get("alpha", 0.5)))}
+        kwargs = {"crossover": crossover[options.get("crossover", "uniform")]()}
+        if "mutation_prob" in options:
+            kwargs["mutation_prob"] = float(options["mutation_prob"])
+        return optuna.samplers.NSGAIISampler(population_size=config.population_size,
+                                             seed=config.sampler.seed + offset, **kwargs)
+
+    samplers.build_sampler = build
 
 
 def run_sampler(sampler: str, seed: int, n_trials: int, max_examples: int | None = None) -> dict:
@@ -188,12 +217,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30, help="examples per objective")
     ap.add_argument("--population", type=int, default=None, help="NSGA-II population (default: the config's)")
     ap.add_argument("--jobs", type=int, default=2, help="searches run side by side, one process each")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--nsga2", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="an NSGA-II variant: crossover=uniform|blx|sbx, alpha=, mutation_prob=")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "search_quality.png")
     args = ap.parse_args()
 
-    jobs = [(s, seed) for s in args.samplers for seed in range(args.seeds)]
+    jobs = [(s, seed) for s in args.samplers for seed in range(args.first_seed, args.first_seed + args.seeds)]
+    nsga2 = dict(option.split("=", 1) for option in args.nsga2)
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=(args.limit, args.population)) as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=_init,
+                             initargs=(args.limit, args.population, None, None, nsga2)) as pool:
         results = list(pool.map(run_sampler, *zip(*jobs), [args.trials] * len(jobs)))
     reference = np.array(results[0]["reference"])
     curves = {s: np.stack([hv_curve(np.array(r["values"], dtype=float), reference)

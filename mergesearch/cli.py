@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -160,6 +161,9 @@ def _search(config) -> None:
         shown[0] = line(p)
         live.update(shown[0])
 
+    import ray
+
+    ours = not ray.is_initialized()  # a Ray this command starts, it also stops
     # Transient: an error replaces the progress line instead of following it.
     with Live(shown[0], console=err, refresh_per_second=4, transient=True) as live:
         runner = Runner(config, on_progress=show)
@@ -171,8 +175,23 @@ def _search(config) -> None:
             err.print("interrupted; the study is consistent. Continue with: "
                       f"mergesearch resume {escape(str(config.run_dir))}")
             raise typer.Exit(130) from None
+        finally:
+            if ours:
+                _stop_ray_deaf_to_ctrl_c()
     err.print(shown[0])
     out.print(f"done: hypervolume {study_hypervolume(study):.4g}; see `mergesearch front {config.run_dir}`")
+
+
+def _stop_ray_deaf_to_ctrl_c() -> None:
+    """Stop Ray now rather than in its exit hook, where a Ctrl-C after the last trial would
+    print a traceback; everything is stored by then, so a Ctrl-C here can wait."""
+    import ray
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @app.command()

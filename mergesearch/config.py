@@ -238,6 +238,10 @@ class Workers(_Strict):
     max_retries: int = Field(2, ge=0, description="Times a trial is retried when its worker dies")
     object_store_memory: int | None = Field(None, description="Bytes, for a local Ray")
     dashboard_host: str = "127.0.0.1"
+    cache_gb: float | None = Field(
+        None, ge=0, description="GiB a CPU worker may spend keeping what it derives from the task "
+        "vectors (magnitude ranks, random numbers) across candidates; default: twice the "
+        "weights, at most 40% of the memory available")
 
 
 class Config(_Strict):

@@ -320,8 +320,9 @@ def test_exact_rank_selection_matches_a_full_sort(n, start, stop):
 
 def test_cached_ranks_select_the_entries_rank_selection_does():
     g = torch.Generator().manual_seed(3)
-    values = torch.randn(70_000, generator=g).abs().to(torch.bfloat16).float()  # many ties
-    ranks = sparsify.ascending_ranks(values)
+    values = torch.randn(70_000, generator=g).to(torch.bfloat16).float()  # many ties
+    ranks = sparsify.magnitude_ranks(values)
+    values = values.abs()
     assert torch.equal(ranks.sort().values, torch.arange(70_000, dtype=torch.int32))
     for start, stop in [(0, 700), (35_000, 70_000), (1_000, 69_000)]:
         picked = (ranks >= start) & (ranks < stop)
@@ -343,6 +344,30 @@ def test_a_worker_keeping_ranks_merges_what_one_recomputing_them_does(method, fa
     kept = dict(keeping.merged_tensors(recipe))
     assert keeping.derived_cache  # ranks were kept
     assert fresh.keys() == kept.keys() and all(torch.equal(fresh[k], kept[k]) for k in fresh)
+
+
+def test_what_a_worker_keeps_stays_within_its_budget_and_changes_no_tensor(families):
+    f = families["llama"]
+    recipe = Recipe(method="dare_ties", base_model=f["base"], seed=4, models=[
+        {"model": f["s0"], "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": f["s1"], "parameters": {"weight": 0.6, "density": 0.5}}])
+    ties = recipe.model_copy(update={"method": "ties"})
+    nbytes = lambda cache: sum(t.numel() * t.element_size() for t in cache.values())  # noqa: E731
+    fresh = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
+    everything = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    for r in (recipe, ties):
+        dict(everything.merged_tensors(r))
+    uniforms, ranks = nbytes(everything.random_cache), nbytes(everything.derived_cache)
+    assert uniforms == ranks > 0  # 4 bytes an entry and source, each
+    assert everything.random_cache.used == uniforms + ranks  # one budget for both
+    budget = uniforms + ranks // 2  # room for every uniform and half the ranks
+    tight = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache_bytes=budget)
+    for r in (recipe, ties, recipe, ties):
+        kept = dict(tight.merged_tensors(r))
+        assert all(torch.equal(kept[k], v) for k, v in fresh.merged_tensors(r))
+    assert nbytes(tight.random_cache) == uniforms
+    assert 0 < nbytes(tight.derived_cache) <= ranks // 2
+    assert tight.derived_cache.used == nbytes(tight.random_cache) + nbytes(tight.derived_cache) <= budget
 
 
 @pytest.mark.parametrize("method,knobs,lines", [

@@ -9,11 +9,12 @@ nothing touches the disk and no second copy of the model is made.
 
 Two things make a candidate cheaper than a fresh merge. Methods whose result is a weighted
 sum of the inputs (linear, task arithmetic, with or without LiNeS) declare their
-coefficients, and the engine sums the resident rows block by block straight into the
-parameter (`_combine`), at about the speed of a memory copy. On CPU, what depends on a task
-vector alone and not on a candidate's knobs (the magnitude ranks of its entries, DELLA's
-rank fractions, DARE's uniform numbers for one seed) is computed on first use and kept,
-so TIES, breadcrumbs and DELLA select entries by comparing ranks instead of sorting.
+coefficients, and the engine sums the resident rows block by block, in cache, straight
+into the parameter (`_combine`) instead of passing over whole float32 copies. On CPU,
+what depends on a task vector alone and not on a candidate's knobs (the magnitude ranks
+of its entries, DELLA's rank fractions, DARE's uniform numbers for one seed) is computed
+on first use and kept within a memory budget, so TIES, breadcrumbs and DELLA select
+entries by comparing ranks instead of sorting.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from mergesearch.merging.checkpoint import (
@@ -41,6 +43,36 @@ from mergesearch.recipe import Recipe, RecipeError, SourceModel, evaluate, layer
 # fastest of 2**14, 2**16 and 2**18 on a 2-core Xeon, where it beats summing into a bfloat16
 # output with `torch.sum`).
 COMBINE_BLOCK = 1 << 18
+# On a GPU a block is only there to bound the buffers (128 MiB each): launches are cheap.
+COMBINE_BLOCK_GPU = 1 << 25
+
+
+class KeptTensors(dict):
+    """Tensors kept across candidates within a byte budget that several of these share.
+    Past the budget a new tensor is simply not kept: a candidate sweeps every tensor in
+    the same order, so evicting old ones would trade each hit for a miss."""
+
+    def __init__(self, budget: int, _used: list[int] | None = None):
+        super().__init__()
+        self.budget, self._used = budget, _used if _used is not None else [0]
+
+    def share(self) -> KeptTensors:
+        """An empty cache drawing on the same budget."""
+        return KeptTensors(self.budget, self._used)
+
+    @property
+    def used(self) -> int:
+        return self._used[0]
+
+    def __setitem__(self, key, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key not in self and self._used[0] + size <= self.budget:
+            super().__setitem__(key, value)
+            self._used[0] += size
+
+    def clear(self) -> None:
+        self._used[0] -= sum(v.numel() * v.element_size() for v in self.values())
+        super().clear()
 
 
 def default_device() -> torch.device:
@@ -51,7 +83,7 @@ class TaskVectors:
     """Resident weights of a base model and its sources, ready to merge any recipe."""
 
     def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None,
-                 cache: bool | None = None):
+                 cache: bool | None = None, cache_bytes: int | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.base = Checkpoint.open(base)
         self.sources = [Checkpoint.open(s) for s in sources]
@@ -73,10 +105,16 @@ class TaskVectors:
         # Kept after first use where computing them is slow (CPU), recomputed where it is
         # cheap (GPU): DARE/DELLA's uniform numbers, which depend only on (seed, tensor,
         # source), and the magnitude ranks of each task vector's entries, which depend on
-        # nothing a candidate changes (4 bytes an entry and source, each).
+        # nothing a candidate changes (4 bytes an entry and source, each), within
+        # ``cache_bytes`` together (by default twice the weights, at most 40% of the memory
+        # available now).
         cache = cache if cache is not None else self.device.type == "cpu"
-        self.random_cache: dict | None = {} if cache else None
-        self.derived_cache: dict | None = {} if cache else None
+        if cache_bytes is None:
+            weights = sum(s.numel() * s.element_size() for s in self.stacks.values())
+            cache_bytes = min(2 * weights, int(0.4 * psutil.virtual_memory().available))
+        kept = KeptTensors(cache_bytes)
+        self.random_cache: KeptTensors | None = kept.share() if cache else None
+        self.derived_cache: KeptTensors | None = kept.share() if cache else None
         self.fisher: dict[str, torch.Tensor] = {}  # name -> (rows, *shape), see attach_fisher
         self.fisher_mean: torch.Tensor | None = None
 
@@ -194,22 +232,27 @@ class TaskVectors:
         stack = self.stacks[name]
         flat = stack.view(stack.shape[0], -1)
         n = flat.shape[1]
-        block = n if self.device.type != "cpu" else min(n, COMBINE_BLOCK)
+        block = min(n, COMBINE_BLOCK if self.device.type == "cpu" else COMBINE_BLOCK_GPU)
         out = self._buffer("combined", 1, stack.shape[1:])[0].view(-1) if into is None else None
-        acc = self._work.get("block")
-        if into is not None and (acc is None or acc.numel() < block):
-            acc = self._work["block"] = torch.empty(block, dtype=torch.float32, device=self.device)
+        acc, row = self._blocks(block)
         for start in range(0, n, block):
             stop = min(n, start + block)
             a = out[start:stop] if into is None else acc[:stop - start]
             for k, (r, c) in enumerate(terms.items()):
                 if k == 0:
-                    torch.mul(flat[r, start:stop], c, out=a)
-                else:
-                    a.add_(flat[r, start:stop], alpha=c)
+                    a.copy_(flat[r, start:stop]).mul_(c)
+                else:  # upcast first: float32-only kernels beat mixed-dtype ones on CPU
+                    a.add_(row[:stop - start].copy_(flat[r, start:stop]), alpha=c)
             if into is not None:
                 into.view(-1)[start:stop].copy_(a)
         return into if into is not None else out.view(stack.shape[1:])
+
+    def _blocks(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float32 buffers of at least ``size`` entries: a block's sum and one input row."""
+        acc = self._work.get("block")
+        if acc is None or acc.numel() < 2 * size:
+            acc = self._work["block"] = torch.empty(2 * size, dtype=torch.float32, device=self.device)
+        return acc[:size], acc[size:2 * size]
 
     def _buffer(self, key: str, rows: int, shape: torch.Size) -> torch.Tensor:
         """A float32 view of shape (rows, *shape) into a reusable buffer."""

@@ -5,7 +5,7 @@ rescaled to keep its L1 norm, as mergekit 0.1.5 does). Random masks compare a un
 tensor from ``MergeInputs.uniform`` with the keep probability, so they are reproducible.
 
 A task vector is the same for every candidate of a search, so what depends on it alone,
-the magnitude ranks of its entries, can be computed once per worker (`ascending_ranks`,
+the magnitude ranks of its entries, can be computed once per worker (`magnitude_ranks`,
 `row_rank_fraction`) and passed in: selection then costs a comparison per entry instead
 of a selection or a sort.
 """
@@ -57,14 +57,18 @@ def kth_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     return kth, _count(values < kth)
 
 
-def ascending_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Each entry's 0-based rank in ascending order (among equal values the earlier comes
-    first, as in `select_range`), int32, in the shape of ``values``."""
-    flat = values.reshape(-1)
+def magnitude_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Each entry's 0-based rank by magnitude in ascending order (among equal magnitudes the
+    earlier entry comes first, as in `select_range`), int32, in the shape of ``tensor``."""
+    flat = tensor.abs().reshape(-1)
+    if flat.dtype == torch.float32:
+        # Non-negative floats order as their bit patterns do, and integer sorts are radix
+        # sorts on CPU: ~3x faster than sorting the floats, the same (stable) order.
+        flat = flat.view(torch.int32)
     order = flat.sort(stable=True).indices
     ranks = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
     ranks[order] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-    return ranks.reshape(values.shape)
+    return ranks.reshape(tensor.shape)
 
 
 def _ranked_range(ranks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -100,7 +104,7 @@ def _rank_at_least(values: torch.Tensor, r: int) -> torch.Tensor:
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False,
               ranks: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (at least one).
-    ``ranks``: `ascending_ranks` of ``tensor.abs()``, where the caller keeps them."""
+    ``ranks``: `magnitude_ranks` of ``tensor``, where the caller keeps them."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:

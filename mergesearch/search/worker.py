@@ -54,7 +54,9 @@ class CandidateWorker:
             torch.set_num_threads(threads)
         if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             device = "cuda"
-        self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu")
+        cache_gb = self.config.workers.cache_gb
+        self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu",
+                                  cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
         if fisher:
             self.load_fisher(fisher)
         trust = self.config.models.trust_remote_code

@@ -115,7 +115,7 @@ def _register(name, *, consensus, kind, default_normalize, default_rescale, refe
                 fraction = x.derived("della_rank", i, lambda: sparsify.row_rank_fraction(delta))
                 return sparsify.della_magprune(delta, density[i], epsilon[i], x.uniform(i),
                                                rescale, fraction, inplace=True)
-            ranks = x.derived("magnitude_rank", i, lambda: sparsify.ascending_ranks(delta.abs()))
+            ranks = x.derived("magnitude_rank", i, lambda: sparsify.magnitude_ranks(delta))
             if kind == "magnitude":
                 return sparsify.magnitude(delta, density[i], rescale, ranks, inplace=True)
             return sparsify.magnitude_outliers(delta, density[i], gamma[i], rescale, ranks,
