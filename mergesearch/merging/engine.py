@@ -112,9 +112,8 @@ class TaskVectors:
         if cache_bytes is None:
             weights = sum(s.numel() * s.element_size() for s in self.stacks.values())
             cache_bytes = min(2 * weights, int(0.4 * psutil.virtual_memory().available))
-        kept = KeptTensors(cache_bytes)
-        self.random_cache: KeptTensors | None = kept.share() if cache else None
-        self.derived_cache: KeptTensors | None = kept.share() if cache else None
+        self.random_cache: KeptTensors | None = KeptTensors(cache_bytes) if cache else None
+        self.derived_cache: KeptTensors | None = self.random_cache.share() if cache else None
         self.fisher: dict[str, torch.Tensor] = {}  # name -> (rows, *shape), see attach_fisher
         self.fisher_mean: torch.Tensor | None = None
 

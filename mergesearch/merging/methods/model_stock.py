@@ -26,11 +26,9 @@ def model_stock(x: MergeInputs, *, filter_wise: bool) -> torch.Tensor:
         denom = 1 + (n - 1) * cos
         t = 0.0 if denom.abs() < 1e-6 else float(n * cos / denom)
         return offsets.sum(dim=0).mul_(t / n).reshape(base.shape).add_(base)
-    if filter_wise:
-        b = base.unsqueeze(0) if base.dim() == 1 else base
-        ms = models.unsqueeze(1) if base.dim() == 1 else models
-    else:
-        b, ms = base.reshape(-1), models.reshape(n, -1)
+    # filter-wise: one angle per row (a 1-D tensor is one row)
+    b = base.unsqueeze(0) if base.dim() == 1 else base
+    ms = models.unsqueeze(1) if base.dim() == 1 else models
     offsets = ms - b
     norms = torch.linalg.vector_norm(offsets, dim=-1)
     cosines = []

@@ -77,9 +77,9 @@ def generalized_task_arithmetic(
         mixed.mul_(sign)
     else:
         mixed = deltas.sum(dim=0)
-        if normalize:
-            divisor = w.sum()
-            mixed.div_(divisor if divisor.abs() >= 1e-8 else 1)
+        total = sum(weight)  # from the knobs: no read-back from the device
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(x.base)
