@@ -168,7 +168,7 @@ def test_local_ray_binds_its_dashboard_to_localhost_and_serves_no_ui():
     script = """
 import json, psutil, ray
 from mergesearch.config import parse_config
-from mergesearch.search.runner import start_ray
+from mergesearch.search.cluster import start_ray
 start_ray(parse_config({"models": {"base": "b", "sources": {"x": "x"}},
                         "objectives": [{"name": "c", "evaluator": "cost"}]}))
 ours = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -78,7 +78,7 @@ def init_with_free_agent_port(self, *args, **kwargs):
     kwargs["dashboard_agent_listen_port"] = free_port
     ray_params_init(self, *args, **kwargs)
 RayParams.__init__ = init_with_free_agent_port
-from mergesearch.search.runner import start_ray
+from mergesearch.search.cluster import start_ray
 start_ray(parse_config({"models": {"base": "b", "sources": {"x": "x"}},
                         "objectives": [{"name": "c", "evaluator": "cost"}]}))
 node = ray.nodes()[0]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import os
 import re
 import signal
 import threading
@@ -28,6 +26,7 @@ from optuna.trial import TrialState
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
 from mergesearch.recipe import Recipe
+from mergesearch.search.cluster import start_ray, worker_env
 from mergesearch.search.fisher import fisher_files, uses_fisher
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.samplers import build_sampler, needs_flat_space
@@ -40,15 +39,6 @@ SLOTS_PER_WORKER = 2
 # The front shown in the progress line is recomputed at most this often (it reads every
 # trial), and never taking more than a tenth of the driver's time.
 FRONT_EVERY_S = 1.0
-
-ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
-                   "HF_ALLOW_CODE_EVAL", "PYTHONPATH")
-
-
-def worker_env() -> dict[str, str]:
-    """The driver's variables that workers need: Hugging Face settings and MERGESEARCH_*."""
-    return {k: v for k, v in os.environ.items() if k in ENV_PASSTHROUGH or k.startswith("MERGESEARCH_")}
-
 
 @dataclass
 class Progress:
@@ -79,22 +69,6 @@ class _InFlight:
     fraction: float = 1.0  # of each objective's examples this pass scores
     seq: int = 0  # submission order (an actor runs its calls in this order)
     low: dict | None = None  # the first pass's result, once promoted to the full set
-
-
-def start_ray(config: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": False,
-                              "configure_logging": False}
-    if config.workers.address:
-        ray.init(address=config.workers.address, **kwargs)
-    else:
-        need = config.workers.count * config.workers.cpus_per_worker
-        ray.init(num_cpus=max(math.ceil(need), os.cpu_count() or 1), include_dashboard=False,
-                 dashboard_host=config.workers.dashboard_host,
-                 object_store_memory=config.workers.object_store_memory or 256 * 2**20, **kwargs)
 
 
 class Scored:
