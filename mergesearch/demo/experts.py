@@ -2,15 +2,30 @@
 
 A ~0.4M-parameter Llama with a character tokenizer is first trained on all three formats
 with random answers (it learns the formats, not the skills), then copied and fine-tuned
-into one expert per skill. About a minute on 2 CPU cores; cached on disk and reused.
+into one expert per skill, on each skill's ``train`` split only. About 90 s of one CPU
+core; cached on disk, in a folder named for what builds it, and reused.
+
+The result must not depend on the installed transformers' defaults (weight init, attention
+kernel, dtype) nor on the machine's core count: the weights start from a seeded generator
+of ours, attention is the eager kernel, everything is float32 and the build runs on a fixed
+number of threads, so two builds agree bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
+import fcntl
+import hashlib
+import importlib.metadata
 import os
 import random
 import shutil
-import tempfile
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,33 +33,47 @@ import torch
 from mergesearch.demo.skills import SKILLS, examples, random_answer
 from mergesearch.demo.tokenizer import char_tokenizer
 
-VERSION = "demo-v1"
 NAMES = ("base", *SKILLS)
-STEPS = {"base": 150, "expert": 260}
+STEPS = {"base": 150, "add": 900, "reverse": 260, "sort": 260}  # addition is the hardest skill
+LR = {"base": 3e-3, "add": 2e-3, "reverse": 4e-3, "sort": 4e-3}
+# Fixed, not the core count: float sums depend on how the work is split. And one, because
+# OpenMP threads on busy cores wait on each other: a build took 20x longer on 2 threads.
+THREADS = 1
+BUILD_SOURCES = ("experts.py", "skills.py", "tokenizer.py")  # what the cache key hashes
+HERE = Path(__file__).resolve().parent
+
+
+def cache_key(sources: Path = HERE, versions: tuple[str, ...] | None = None) -> str:
+    """``demo-<12 hex>``: a hash of the build's own source and of the torch and transformers
+    versions, so that a changed build never reuses experts an older one cached."""
+    if versions is None:
+        versions = (torch.__version__, importlib.metadata.version("transformers"))
+    digest = hashlib.sha256()
+    for name in BUILD_SOURCES:
+        digest.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
+    digest.update("\0".join(versions).encode())
+    return f"demo-{digest.hexdigest()[:12]}"
 
 
 def cache_dir() -> Path:
     root = os.environ.get("MERGESEARCH_CACHE") or Path.home() / ".cache" / "mergesearch"
-    return Path(root) / VERSION
+    return Path(root) / cache_key()
 
 
-def build_experts(cache: str | Path | None = None, force: bool = False) -> dict[str, Path]:
+def build_experts(cache: str | Path | None = None, force: bool = False,
+                  steps: int | None = None) -> dict[str, Path]:
     """Folders of the base and the experts (``base``, ``add``, ``reverse``, ``sort``),
-    built on first use. The cache folder appears whole or not at all."""
+    built on first use. The cache folder appears whole or not at all; processes that ask
+    at the same time wait for one build. ``steps`` (tests only) trains every model that
+    many steps instead of `STEPS`."""
     root = Path(cache) if cache else cache_dir()
     paths = {name: root / name for name in NAMES}
-    if not force and all((p / "model.safetensors").exists() for p in paths.values()):
+    if not force and _complete(paths):
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _train_all(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _locked(root.parent / f".{root.name}.lock"):
+        if force or not _complete(paths):  # another process may have built it while we waited
+            _build(root, steps)
     return paths
 
 
@@ -61,13 +90,146 @@ def resolve_model(ref: str) -> str:
     return str(build_experts()[name])
 
 
-def _model(vocab: int):
+def _complete(paths: dict[str, Path]) -> bool:
+    return all((p / "model.safetensors").exists() for p in paths.values())
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive `flock` on ``path``: one build at a time across processes. The lock
+    file stays (removing it would let a third process lock a different file)."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for another process building the demo experts", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(root: Path, steps: int | None) -> None:
+    """Train into a temporary folder beside ``root``, then rename it into place. Called with
+    the lock held, so leftovers of builds that were killed outright are removed first. A
+    complete folder being replaced (``force``) is renamed aside, then removed: files that
+    readers have open stay readable."""
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with _terminate_raises():
+        # Not mkdtemp's 0700: the cache is readable as the umask allows, like any folder.
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        tmp.mkdir(0o777)
+        try:
+            with _reproducible(), _quiet():
+                _train_all(tmp, steps)
+            if root.exists():
+                os.replace(root, tmp / "replaced")
+            os.replace(tmp, root)
+            shutil.rmtree(root / "replaced", ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises `SystemExit` (exit status 143) so that the build's cleanup runs;
+    the previous handler is restored after. Only the main thread may install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:  # None: a handler not installed from Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextmanager
+def _reproducible() -> Iterator[None]:
+    """A fixed thread count and float32 during the build; the caller's settings after."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(THREADS)
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars, warnings or info from transformers / huggingface_hub while we
+    build and save: our own progress line says what is happening."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars_off = hub.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            hub.enable_progress_bars()
+
+
+@contextmanager
+def _progress(steps: dict[str, int]) -> Iterator[Callable[[str, int], None]]:
+    """One transient line on stderr, ``building demo experts (once): sort 120/260 steps``;
+    yields ``advance(model, done)``. Where stderr is no terminal, one plain line instead."""
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_interactive:
+        print(f"building demo experts (once): {', '.join(steps)} ({sum(steps.values())} steps)",
+              file=sys.stderr, flush=True)
+        yield lambda name, done: None
+        return
+    columns = (TextColumn("building demo experts (once): {task.description} "
+                          "{task.completed}/{task.total} steps"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        first = next(iter(steps))
+        task = bar.add_task(first, total=steps[first])
+        yield lambda name, done: bar.update(task, description=name, completed=done, total=steps[name])
+
+
+def _model(vocab: int, seed: int):
+    """A fresh float32 Llama with eager attention, its weights drawn by a generator of ours:
+    transformers' own init (and what it skips) differs between versions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(
+    config = LlamaConfig(
         vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02, attention_dropout=0.0,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):  # transformers' init must not move the caller's RNG
+        model = LlamaForCausalLM(config).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm scales
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+    return model
 
 
 def _batches(tok, pairs: list[tuple[str, str]], rng: random.Random, batch: int):
@@ -86,39 +248,50 @@ def _batches(tok, pairs: list[tuple[str, str]], rng: random.Random, batch: int):
         yield ids, lab
 
 
-def _train(model, tok, pairs, steps: int, lr: float, seed: int) -> None:
+def _train(model, tok, pairs, steps: int, lr: float, seed: int,
+           advance: Callable[[int], None]) -> None:
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     batches = _batches(tok, pairs, rng, batch=96)
-    for _ in range(steps):
+    for step in range(steps):
         ids, labels = next(batches)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        advance(step + 1)
     model.eval()
 
 
-def _train_all(out: Path) -> None:
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    data = {s: examples(s) for s in SKILLS}
+def _training_pairs() -> dict[str, list[tuple[str, str]]]:
+    """(context, answer) pairs to train each model on, from the ``train`` splits only:
+    ``test`` is what the search scores and ``heldout`` is seen by nobody. The base sees
+    every format with random answers: it knows the formats, not the skills."""
+    train = {s: examples(s)["train"] for s in SKILLS}
     rng = random.Random(0)
-    # The base sees every format with random answers: it knows the formats, not the skills.
-    generic = [(ex["context"], random_answer(s, ex["context"], rng))
-               for s in SKILLS for split in ("train", "test") for ex in data[s][split]]
-    base = _model(len(tok))
-    _train(base, tok, generic, STEPS["base"], lr=3e-3, seed=1)
-    _save(base, tok, out / "base")
-    for i, skill in enumerate(SKILLS):
-        expert = _model(len(tok))
-        expert.load_state_dict(base.state_dict())
-        pairs = [(ex["context"], ex["answer"]) for split in ("train", "test") for ex in data[skill][split]]
-        _train(expert, tok, pairs, STEPS["expert"], lr=4e-3, seed=10 + i)
-        _save(expert, tok, out / skill)
+    pairs = {"base": [(ex["context"], random_answer(s, ex["context"], rng))
+                      for s in SKILLS for ex in train[s]]}
+    pairs.update({s: [(ex["context"], ex["answer"]) for ex in train[s]] for s in SKILLS})
+    return pairs
+
+
+def _train_all(out: Path, steps: int | None = None) -> None:
+    tok = char_tokenizer()
+    pairs = _training_pairs()
+    plan = {name: steps or STEPS[name] for name in NAMES}
+    with _progress(plan) as progress:
+        base = _model(len(tok), seed=0)
+        _train(base, tok, pairs["base"], plan["base"], LR["base"], seed=1,
+               advance=lambda done: progress("base", done))
+        _save(base, tok, out / "base")
+        for i, skill in enumerate(SKILLS):
+            expert = copy.deepcopy(base)
+            _train(expert, tok, pairs[skill], plan[skill], LR[skill], seed=10 + i,
+                   advance=lambda done, s=skill: progress(s, done))
+            _save(expert, tok, out / skill)
 
 
 def _save(model, tok, folder: Path) -> None:
