@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A PostgreSQL server on 127.0.0.1 for the storage tests (installed from Debian's packages
-# when missing); prints the SQLAlchemy URL of a database the tests may use.
+# when missing); prints the SQLAlchemy URL of a database the tests may use, in the plain
+# postgresql:// form the README documents (psycopg 3, the `postgres` extra's driver).
 set -euo pipefail
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   apt-get update -qq >&2
@@ -16,4 +17,4 @@ for _ in $(seq 30); do psql "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done
   || psql "CREATE ROLE mergesearch LOGIN PASSWORD 'mergesearch'" >&2
 [ "$(psql "SELECT 1 FROM pg_database WHERE datname = 'mergesearch_test'")" = 1 ] \
   || psql "CREATE DATABASE mergesearch_test OWNER mergesearch" >&2
-echo "postgresql+psycopg2://mergesearch:mergesearch@127.0.0.1:$port/mergesearch_test"
+echo "postgresql://mergesearch:mergesearch@127.0.0.1:$port/mergesearch_test"

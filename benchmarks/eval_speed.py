@@ -35,7 +35,7 @@ def main() -> None:
     cfg = parse_config({
         "models": {"base": paths["base"], "sources": {"add": paths["add"]}},
         "objectives": [{"name": t, "tasks": [t], "metric": "acc,none", "limit": args.limit} for t in tasks],
-        "lm_eval": {"include_path": str(ROOT / "configs" / "tasks"), "include_defaults": False}})
+        "lm_eval": {"include_path": str(ROOT / "mergesearch" / "demo" / "tasks"), "include_defaults": False}})
 
     t0 = time.perf_counter()
     worker = CandidateWorker(cfg.snapshot(), paths["base"], {"add": paths["add"]})
@@ -52,7 +52,7 @@ def main() -> None:
     naive = []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        tm = TaskManager(include_path=str(ROOT / "configs" / "tasks"), include_defaults=False)
+        tm = TaskManager(include_path=str(ROOT / "mergesearch" / "demo" / "tasks"), include_defaults=False)
         lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=args.limit,
                                 bootstrap_iters=0, verbosity="ERROR")
         naive.append(time.perf_counter() - t)

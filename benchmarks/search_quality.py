@@ -45,7 +45,7 @@ def load_problem(limit: int, population: int | None = None, methods: list[str] |
     from mergesearch.search.worker import CandidateWorker, resolve_models
 
     torch.set_num_threads(1)
-    snap = load_config(ROOT / "configs" / "demo.yaml").snapshot()
+    snap = load_config(ROOT / "mergesearch" / "demo" / "demo.yaml").snapshot()
     root = Path(snap.pop("root"))
     for objective in snap["objectives"]:
         objective["limit"] = limit
