@@ -24,8 +24,17 @@ err = Console(stderr=True)
 out = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"mergesearch {version('mergesearch')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="Print the installed version and exit")) -> None:
     """Evolutionary, multi-objective search over model-merge recipes."""
 
 
@@ -47,11 +56,14 @@ def user_errors(fn):
 @user_errors
 def merge(
     recipe: Path = typer.Argument(..., help="Our recipe JSON or a mergekit YAML"),
-    out_dir: Path = typer.Option(..., "--out", help="Folder to write the merged model to"),
+    out_arg: Path | None = typer.Argument(None, metavar="OUT",
+                                          help="Folder to write the merged model to (or --out)"),
+    out_dir: Path | None = typer.Option(None, "--out", help="Folder to write the merged model to"),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when present)"),
     trust_remote_code: bool = typer.Option(False, help="Allow the base model folder's own modelling code"),
 ):
-    """Merge the models of RECIPE and write the result to --out (atomically)."""
+    """Merge the models of RECIPE and write the result to OUT or --out (atomically), as
+    `mergekit-yaml RECIPE OUT` would."""
     from rich.progress import Progress
 
     from mergesearch.merging import (
@@ -61,9 +73,12 @@ def merge(
         save_model,
         validate_recipe,
     )
+    from mergesearch.merging.card import model_card
     from mergesearch.merging.checkpoint import check_custom_code
+    from mergesearch.merging.tokenizer import tokenizer_donor
     from mergesearch.recipe import Recipe, RecipeError
 
+    out_dir = _merge_out(out_arg, out_dir)
     r = Recipe.load(recipe)
     base = r.base_model or r.models[0].model
     # Everything checkable is checked before any weights are read.
@@ -73,6 +88,7 @@ def merge(
     for m in names:
         Checkpoint.open(m)
     check_custom_code(Checkpoint.open(base), trust_remote_code)
+    tokenizer_donor(r, Checkpoint.open(base).path)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"{out_dir}: exists and is not a folder")
     with Progress(console=err, transient=True) as bar:
@@ -83,16 +99,29 @@ def merge(
         tv.merge_into(model, r, progress=lambda i, n: bar.update(task, completed=i))
         bar.update(task, description="writing", total=None)
         try:
-            path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r)
+            path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r,
+                              card=model_card(r, out_dir.name))
         except OSError as e:  # disk full, permission denied: the previous folder is kept
             kept = "; the previous folder is unchanged" if out_dir.exists() else ""
             raise RecipeError(f"--out: cannot write {out_dir} ({e.strerror or e}){kept}") from None
     out.print(f"wrote {path}")
 
 
+def _merge_out(positional: Path | None, option: Path | None) -> Path:
+    """The output folder, given as mergekit-yaml takes it (positional) or as --out."""
+    from mergesearch.recipe import RecipeError
+
+    if positional is not None and option is not None:
+        raise RecipeError(f"give the output folder once: OUT ({positional}) or --out ({option})")
+    if positional is None and option is None:
+        raise RecipeError("no output folder: give OUT (mergesearch merge RECIPE OUT) or --out")
+    return positional if positional is not None else option
+
+
 @app.command("eval")
 @user_errors
-def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives are used)"),
+def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives are used); "
+                                      "'demo' for the demo's own"),
           model: Path | None = typer.Option(None, "--model", help="A saved model folder"),
           recipe: Path | None = typer.Option(None, "--recipe", help="A recipe (ours or mergekit YAML)"),
           heldout: bool = typer.Option(False, "--heldout", help="Score the config's heldout objectives"),
@@ -104,24 +133,29 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
     from mergesearch.recipe import Recipe, RecipeError
     from mergesearch.search import CandidateWorker, resolve_models
 
-    cfg = load_config(config)
+    cfg = load_config(DEMO_CONFIG if str(config) == "demo" and not config.exists() else config)
     if (model is None) == (recipe is None):
         raise ConfigError("give exactly one of --model DIR or --recipe FILE")
     if heldout and not cfg.heldout:
         raise ConfigError(f"{config}: heldout: the config has no heldout objectives")
-    if model is not None:
-        if not model.is_dir():
-            raise RecipeError(f"{model}: model folder not found")
-        worker = CandidateWorker(cfg.snapshot(), str(model), {}, heldout=heldout)
-        result = worker.evaluate(None)
-    else:
-        r = Recipe.load(recipe)
-        base, sources = resolve_models(cfg)
-        names = {alias: path for alias, path in sources.items()}
-        wanted = [m for m in r.source_names() if m != (r.base_model or base)]
-        extra = {f"_{i}": m for i, m in enumerate(wanted) if m not in names.values()}
-        worker = CandidateWorker(cfg.snapshot(), r.base_model or base, {**names, **extra}, heldout=heldout)
-        result = worker.evaluate(r.model_dump_json())
+    if model is not None and not model.is_dir():
+        raise RecipeError(f"{model}: model folder not found")
+    # Our one progress line (transient; the libraries' own bars are silenced by the worker).
+    with err.status("loading the model and setting up the objectives") as status:
+        if model is not None:
+            worker = CandidateWorker(cfg.snapshot(), str(model), {}, heldout=heldout)
+            recipe_json = None
+        else:
+            r = Recipe.load(recipe)
+            base, sources = resolve_models(cfg)
+            names = {alias: path for alias, path in sources.items()}
+            wanted = [m for m in r.source_names() if m != (r.base_model or base)]
+            extra = {f"_{i}": m for i, m in enumerate(wanted) if m not in names.values()}
+            worker = CandidateWorker(cfg.snapshot(), r.base_model or base, {**names, **extra},
+                                     heldout=heldout)
+            recipe_json = r.model_dump_json()
+        status.update(f"scoring {len(worker.evaluators)} objectives")
+        result = worker.evaluate(recipe_json)
     if as_json:
         print(json.dumps({k: result[k] for k in ("values", "metrics", "error", "timings")}, indent=2))
     else:
@@ -152,7 +186,8 @@ def _search(config) -> None:
         eta = p.eta_s()
         best = "  ".join(f"{k}={v:.4g}" for k, v in p.best.items())
         return Text(f"trials {p.done}{total}  in flight {p.in_flight}  failed {p.failed}  "
-                    f"front {p.front_size}  {best}" + (f"  ETA {eta:.0f}s" if eta is not None else ""))
+                    f"front {p.front_size}  {best}" + (f"  ETA {eta:.0f}s" if eta is not None else "")
+                    + (f"\n{p.note}" if p.note else ""))
 
     out.print(f"study [bold]{config.study.name}[/bold] in {config.run_dir}")
     shown = [Text("starting workers...")]
@@ -211,10 +246,33 @@ def resume(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     """Continue a study to its budget after Ctrl-C, a crash or a reboot."""
     from mergesearch.search import RunRef
 
+    _check_trial_budget(n_trials)
     config = RunRef.from_args(run_dir, storage, study).config()
     if n_trials is not None:
         config.budget.n_trials = n_trials
     _search(config)
+
+
+def _check_trial_budget(n_trials: int | None) -> None:
+    """--n-trials, refused before any work starts (it is set on a config already checked)."""
+    from mergesearch.errors import ArgumentError
+
+    if n_trials is not None and n_trials < 1:
+        raise ArgumentError(f"--n-trials: {n_trials} is not a trial budget; give a number >= 1")
+
+
+def _check_output_file(path: Path | None, option: str) -> None:
+    """An output file's folder exists: checked before the study is read, not after."""
+    from mergesearch.errors import ArgumentError
+
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise ArgumentError(f"{option}: {path} is a folder; give a file name")
+    if not path.parent.exists():
+        raise ArgumentError(f"{option}: {path.parent}: no such folder")
+    if not path.parent.is_dir():
+        raise ArgumentError(f"{option}: {path.parent} is not a folder")
 
 
 @app.command()
@@ -228,7 +286,7 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
 
     from mergesearch.search import RunRef, pareto_front, study_hypervolume
     from mergesearch.search.front import objective_names
-    from mergesearch.search.study import counted
+    from mergesearch.search.study import counted, failure_reason, is_duplicate, orphaned
 
     ref = RunRef.from_args(run_dir, storage, study)
     st = ref.load()
@@ -237,8 +295,19 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     states = Counter(t.state.name for t in trials)
     done = sum(counted(t) for t in trials)
     budget = config.budget.n_trials
-    out.print(f"study [bold]{st.study_name}[/bold]: {done}{'/' + str(budget) if budget else ''} trials counted; "
-              + ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())))
+    # What became of trials that are not counted: duplicates, and a dead driver's.
+    notes = {"COMPLETE": sum(t.state.name == "COMPLETE" and is_duplicate(t) for t in trials),
+             "RUNNING": sum(t.state.name == "RUNNING" and orphaned(st.user_attrs, t) for t in trials)}
+    described = {k: f"{k.lower()} {v}" for k, v in states.items()}
+    if notes["COMPLETE"]:
+        described["COMPLETE"] += f" ({notes['COMPLETE']} duplicates of a recipe already scored, not counted)"
+    if notes["RUNNING"] == states["RUNNING"] > 0:
+        described["RUNNING"] += " (no live driver: left by a dead driver; `resume` re-runs them)"
+    elif notes["RUNNING"]:
+        described["RUNNING"] += f" ({notes['RUNNING']} with no live driver: left by a dead driver; " \
+                                "`resume` re-runs them)"
+    out.print(f"study [bold]{escape(st.study_name)}[/bold]: {done}{'/' + str(budget) if budget else ''} "
+              "trials counted; " + ", ".join(escape(described[k]) for k in sorted(described)), soft_wrap=True)
     names = objective_names(st)
     front = pareto_front(st)
     if front:
@@ -248,10 +317,10 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
             table.add_row(name, d.name.lower(), f"{pick.values[i]:.4g}", str(pick.number))
         out.print(table)
         out.print(f"front: {len(front)} trials; hypervolume {study_hypervolume(st):.4g}")
-    failures = Counter(t.user_attrs.get("error", "?").split(":")[0] for t in trials
-                       if t.state.name == "FAIL" and counted(t))
+    rerun = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs and t.state.is_finished()}
+    failures = Counter(failure_reason(t, rerun) for t in trials if t.state.name == "FAIL")
     for reason, n in failures.most_common(5):
-        out.print(f"failed x{n}: {reason}")
+        out.print(f"failed x{n}: {escape(reason)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -266,6 +335,8 @@ def front(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     from mergesearch.search import RunRef, front_rows, plot_front
     from mergesearch.search.front import front_csv
 
+    _check_output_file(csv, "--csv")
+    _check_output_file(plot, "--plot")
     st = RunRef.from_args(run_dir, storage, study).load()
     rows = front_rows(st)
     if csv is not None:
@@ -299,6 +370,7 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     """Write a trial's recipe.json and mergekit.yaml (and with --save-model, the model)."""
     from mergesearch.errors import StudyError
     from mergesearch.search import RunRef, choose, export_trial
+    from mergesearch.search.export import trial_recipe
     from mergesearch.search.front import parse_weights
 
     if sum(x is not None for x in (trial, best, weights)) > 1:
@@ -312,6 +384,8 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     if not (path / "mergekit.yaml").exists():
         out.print("no mergekit.yaml: mergekit 0.1.5 cannot express this recipe; "
                   "`mergesearch merge recipe.json` merges it")
+    elif caveat := trial_recipe(t).mergekit_caveat():
+        out.print(f"note: {escape(' '.join(caveat.splitlines()))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -322,6 +396,7 @@ def demo(run_dir: Path | None = typer.Option(None, help="Run folder (default: ru
     from mergesearch.config import load_config
     from mergesearch.search import RunRef, plot_front
 
+    _check_trial_budget(n_trials)
     config = load_config(DEMO_CONFIG)
     if run_dir is not None:
         config.study.run_dir = str(run_dir.resolve())
@@ -343,7 +418,7 @@ def schema():
     out.print_json(json.dumps(Config.model_json_schema()))
 
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"  # shipped in the package
 
 
 def main() -> None:  # pragma: no cover

@@ -40,7 +40,7 @@ class Models(_Strict):
     @classmethod
     def _list_to_dict(cls, v: Any) -> Any:
         if isinstance(v, list):
-            return {Path(str(s)).name or str(s): s for s in v}
+            return source_aliases([str(s) for s in v])
         return v
 
     @field_validator("sources")
@@ -56,6 +56,37 @@ class Models(_Strict):
         if v is not None and v not in ("float32", "float16", "bfloat16"):
             raise ValueError("expected float32, float16 or bfloat16")
         return v
+
+
+def source_aliases(refs: list[str]) -> dict[str, str]:
+    """Short names for sources given as a list: each folder's name, as before, and where
+    two names are equal the shortest path suffix that tells them apart, in characters
+    that Optuna parameter names and the space's ``a+b`` pairs can carry
+    (``/x/exp-a/final`` -> ``exp-a_final``). A model is never dropped for a shared name."""
+    dup = next((r for r in refs if refs.count(r) > 1), None)
+    if dup is not None:
+        raise ValueError(f"{dup} is listed twice")
+    parts = {r: [p for p in re.split(r"[/\\]", r) if p] or [r] for r in refs}
+    named = {r: Path(r).name or r for r in refs}
+    aliases: dict[str, str] = {}
+    for ref in refs:
+        rivals = [r for r in refs if r != ref and named[r] == named[ref]]
+        if not rivals:
+            aliases[ref] = named[ref]  # unchanged, so that existing studies keep their names
+            continue
+        suffix = next((parts[ref][-k:] for k in range(1, len(parts[ref]) + 1)
+                       if all(parts[r][-k:] != parts[ref][-k:] for r in rivals)), None)
+        if suffix is None:
+            raise ValueError(f"{ref} and {rivals[0]} have no distinct alias; "
+                             "give the sources as a mapping alias: folder")
+        aliases[ref] = re.sub(r"[^A-Za-z0-9_-]+", "_", "_".join(suffix))
+    seen: dict[str, str] = {}
+    for ref, alias in aliases.items():
+        if alias in seen:
+            raise ValueError(f"{seen[alias]} and {ref} have no distinct alias; "
+                             "give the sources as a mapping alias: folder")
+        seen[alias] = ref
+    return {alias: ref for ref, alias in aliases.items()}
 
 
 # ---- search space -----------------------------------------------------------------------
@@ -316,17 +347,38 @@ class Config(_Strict):
 
 def mask_password(url: str) -> str:
     """postgresql://user:secret@host/db -> postgresql://user:***@host/db, and a password
-    given as a query parameter (``?password=secret``, as libpq accepts) likewise."""
-    url = re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
+    given as a query parameter (``?password=secret``, as libpq accepts) likewise.
+
+    A password may hold '@', '/', ':' or '?': it runs from the first ':' after the user to
+    the last '@' before the query string, so a stray '@' hides too much, never too little."""
+    user = re.match(r"[\w+.-]+://[^:/?#]*:", url)
+    first_at = url.find("@", user.end()) if user else -1
+    if first_at >= 0:
+        query = re.search(r"[?#]", url[first_at:])
+        host_at = url.rfind("@", first_at, first_at + query.start() if query else len(url))
+        url = url[:user.end()] + "***" + url[host_at:]
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def read_text(path: Path) -> str:
+    """A file the user wrote, as text; OSError where it cannot be read, and a ValueError
+    naming the file and the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

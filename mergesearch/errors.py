@@ -12,6 +12,10 @@ class EvaluatorError(ValueError):
     """An objective that cannot be set up (unknown task or metric, missing dataset)."""
 
 
+class ArgumentError(ValueError):
+    """A command-line argument or option that cannot be used (it names the option)."""
+
+
 def _checkpoint_error():
     from mergesearch.merging.checkpoint import CheckpointError
 
@@ -19,5 +23,5 @@ def _checkpoint_error():
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, RecipeError, StudyError, EvaluatorError, _checkpoint_error(),
+    ConfigError, RecipeError, StudyError, EvaluatorError, ArgumentError, _checkpoint_error(),
 )

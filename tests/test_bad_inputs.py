@@ -63,18 +63,20 @@ def places(tmp_path_factory, families) -> dict[str, str]:
         "wide": _llama(root / "wide", hidden_size=48),
         "bigvocab": _llama(root / "bigvocab", vocab_size=len(char_tokenizer()) + 8),
         "noweights": str(noweights), "corrupt": str(corrupt), "pickled": str(pickled),
-        "missing": str(root / "no-such-model"), "tasks": str(HERE.parent / "configs" / "tasks"),
+        "missing": str(root / "no-such-model"), "tasks": str(HERE.parent / "mergesearch" / "demo" / "tasks"),
         "pwned": str(root / PWNED),
     }
 
 
 def render(case: Path, places: dict[str, str], tmp_path: Path) -> tuple[Path, str]:
-    text = case.read_text()
+    # Latin-1 maps every byte to one character and back: a case that is not UTF-8 on
+    # purpose (c27) keeps its bytes, the others are unchanged.
+    text = case.read_bytes().decode("latin-1")
     for key, value in {**places, "run_dir": str(tmp_path / "run")}.items():
         text = text.replace("{" + key + "}", value)
     expect = text.splitlines()[0].removeprefix("# expect:").strip()
     path = tmp_path / case.name
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1"))
     return path, expect
 
 
@@ -118,3 +120,22 @@ def test_an_existing_study_is_untouched_by_bad_configs(places, tmp_path, ray_ses
     study = optuna.load_study(study_name="bad", storage=storage)
     after = (json.dumps(study.user_attrs, sort_keys=True), [(t.number, t.state, t.values) for t in study.trials])
     assert after == before
+
+
+def test_an_error_raised_in_a_worker_reaches_the_user_without_its_class_path(ray_session):
+    """A user error raised in a Ray worker crosses as a traceback whose last line starts
+    with the class path (``mergesearch.config.ConfigError: ...``): the message drops it."""
+    from mergesearch.config import ConfigError
+    from mergesearch.search.runner import _actor_cause
+
+    @ray_session.remote
+    class Refuses:
+        def __init__(self):
+            raise ConfigError("config snapshot: budget.n_trials: Input should be greater than or equal to 1")
+
+        def info(self):
+            return {}
+
+    with pytest.raises(ray_session.exceptions.RayActorError) as e:
+        ray_session.get(Refuses.remote().info.remote(), timeout=120)
+    assert _actor_cause(e.value) == "config snapshot: budget.n_trials: Input should be greater than or equal to 1"

@@ -36,10 +36,10 @@ def refusal(data: dict) -> str:
 
 
 def test_shipped_configs_load():
-    demo = load_config(ROOT / "configs" / "demo.yaml")
+    demo = load_config(ROOT / "mergesearch" / "demo" / "demo.yaml")
     assert [o.name for o in demo.objectives] == ["add", "reverse", "sort"]
     assert demo.sampler.name == "nsga2"
-    assert demo.include_paths() == [str(ROOT / "configs" / "tasks")]
+    assert demo.include_paths() == [str(ROOT / "mergesearch" / "demo" / "tasks")]
     cluster = load_config(ROOT / "configs" / "mistral7b-cluster.yaml")
     assert cluster.workers.gpus_per_worker == 1
 

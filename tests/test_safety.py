@@ -127,11 +127,11 @@ def test_snapshot_stores_the_storage_password_masked(monkeypatch):
 
 
 def test_unreachable_storage_error_masks_the_password(tmp_path):
-    url = "postgresql+psycopg2://ms:s3cret@127.0.0.1:1/ms"
+    url = "postgresql://ms:s3cret@127.0.0.1:1/ms"
     result = subprocess.run([MERGESEARCH, "status", "--storage", url, "--study", "x"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "postgresql+psycopg2://ms:***@127.0.0.1:1/ms" in result.stderr
+    assert "postgresql://ms:***@127.0.0.1:1/ms" in result.stderr
     assert "s3cret" not in result.stdout + result.stderr
 
 

@@ -121,22 +121,22 @@ def test_password_given_as_a_url_query_parameter_is_masked_in_the_snapshot(famil
 
 
 def test_run_against_unreachable_postgres_never_shows_the_password(families, tmp_path, ray_session):
-    storage = f"postgresql+psycopg2://ms:{PASSWORD}@127.0.0.1:1/ms"
+    storage = f"postgresql://ms:{PASSWORD}@127.0.0.1:1/ms"
     path = write_config(cost_config(families, tmp_path, study={
         "name": "sec", "run_dir": str(tmp_path / "run"), "storage": storage}), tmp_path)
     result = CliRunner().invoke(app, ["run", str(path)])
     error = one_error(result)
-    assert error.startswith("error: study.storage: cannot open postgresql+psycopg2://ms:***@127.0.0.1:1/ms (")
+    assert error.startswith("error: study.storage: cannot open postgresql://ms:***@127.0.0.1:1/ms (")
     assert PASSWORD not in result.stdout + result.stderr
     run = tmp_path / "run"
     assert not run.exists() or all(PASSWORD.encode() not in p.read_bytes() for p in run.rglob("*") if p.is_file())
 
 
 def test_password_given_as_a_url_query_parameter_is_never_shown(tmp_path):
-    storage = f"postgresql+psycopg2://ms@127.0.0.1:1/ms?password={PASSWORD}"
+    storage = f"postgresql://ms@127.0.0.1:1/ms?password={PASSWORD}"
     result = CliRunner().invoke(app, ["status", "--storage", storage, "--study", "sec"])
     error = one_error(result)
-    assert error.startswith("error: study.storage: cannot open postgresql+psycopg2://ms@127.0.0.1:1/ms?password=*** (")
+    assert error.startswith("error: study.storage: cannot open postgresql://ms@127.0.0.1:1/ms?password=*** (")
     assert PASSWORD not in result.stdout + result.stderr
 
 
