@@ -27,8 +27,8 @@ TESTS = Path(__file__).resolve().parent
 
 def write_config(tmp_path: Path, n_trials: int, **overrides) -> Path:
     """The demo config, made small: two objectives, few examples, a run folder in tmp."""
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cfg["lm_eval"]["include_path"] = str(ROOT / "configs" / "tasks")
+    cfg = yaml.safe_load((ROOT / "mergesearch" / "demo" / "demo.yaml").read_text())
+    cfg["lm_eval"]["include_path"] = str(ROOT / "mergesearch" / "demo" / "tasks")
     cfg["objectives"] = [
         {"name": "add", "tasks": ["demo_add"], "metric": "acc,none", "limit": 16},
         {"name": "sort", "tasks": ["demo_sort"], "metric": "acc,none", "limit": 16},

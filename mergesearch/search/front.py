@@ -30,8 +30,19 @@ def full_fidelity(trial: FrozenTrial) -> bool:
 
 
 def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The COMPLETE trials scored at full fidelity: what fronts and hypervolumes use."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if full_fidelity(t)]
+    """The COMPLETE trials scored at full fidelity, each recipe once (its first trial;
+    later ones with the same recipe hash are duplicates told the same scores): what
+    fronts, hypervolumes and plots use."""
+    seen: set[str] = set()
+    trials = []
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        h = t.user_attrs.get("recipe_hash")
+        if not full_fidelity(t) or h in seen:
+            continue
+        if h is not None:
+            seen.add(h)
+        trials.append(t)
+    return trials
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:

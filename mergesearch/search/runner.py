@@ -4,7 +4,9 @@ Every worker is kept busy: each holds one candidate running and one queued, so i
 the next as soon as it finishes, while the driver tells the result and asks a new trial;
 a slow candidate never idles the rest. Each trial carries
 its recipe, scores, timings, worker and error. A dead worker is replaced and its trial
-retried a bounded number of times; an identical recipe is never evaluated twice.
+retried a bounded number of times; an identical recipe is never evaluated twice, and its
+trial costs nothing of the budget. A dead co-driver's trials are taken over while the
+study runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mergesearch.search.cluster import start_ray, worker_env
 from mergesearch.search.fisher import fisher_files, uses_fisher
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.samplers import build_sampler, needs_flat_space
-from mergesearch.search.study import Driver, counted, create_or_load, recover_orphans
+from mergesearch.search.study import Driver, counted, create_or_load, is_duplicate, recover_orphans
 from mergesearch.search.worker import ray_worker_class, resolve_models
 
 # Candidates held per worker: one running and one queued behind it, which hides the
@@ -39,6 +41,12 @@ SLOTS_PER_WORKER = 2
 # The front shown in the progress line is recomputed at most this often (it reads every
 # trial), and never taking more than a tenth of the driver's time.
 FRONT_EVERY_S = 1.0
+# A sampler that proposes only recipes already scored or in flight this many times in a
+# row has (nearly) exhausted a small discrete space: the driver stops asking rather than
+# spin forever, since duplicates do not use the budget. The chance that a random sampler
+# misses the last new recipe of a space of 20 this many times running is 0.6%.
+MAX_DUPLICATES_IN_A_ROW = 100
+
 
 @dataclass
 class Progress:
@@ -51,11 +59,17 @@ class Progress:
     front_size: int = 0
     best: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    done_at_start: int = 0  # counted before this run started (a resume, other drivers)
+    duplicates: int = 0  # proposals of a recipe already scored: told its scores, not counted
+    note: str = ""  # why the search stopped before its budget, when it did
 
     def eta_s(self) -> float | None:
-        if not self.total or not self.done:
+        """Seconds left at the pace of this run: trials done before it (a resumed study)
+        took no time of it."""
+        done_here = self.done - self.done_at_start
+        if not self.total or done_here <= 0:
             return None
-        return (time.time() - self.started) / self.done * max(0, self.total - self.done)
+        return (time.time() - self.started) / done_here * max(0, self.total - self.done)
 
 
 @dataclass
@@ -171,18 +185,24 @@ class Runner:
     def run(self) -> optuna.Study:
         import ray
 
+        from mergesearch.config import parse_config
         from mergesearch.merging import Checkpoint, check_compatible
         from mergesearch.merging.checkpoint import check_custom_code
+        from mergesearch.search.study import check_storage
         from mergesearch.spaces import SearchSpace
 
         # Everything a user can get wrong is refused before the study is touched: the
-        # models and the space here, the tasks and metrics by the workers' set-up.
+        # config as the workers will read it (a value set after loading included), the
+        # models, the space and the storage here, before Ray starts; the tasks and
+        # metrics by the workers' set-up.
+        parse_config(self.config.snapshot(), source="config", root=self.config.root)
         self.base, self.sources = resolve_models(self.config)
         base = Checkpoint.open(self.base)
         check_custom_code(base, self.config.models.trust_remote_code)
         check_compatible(base, [Checkpoint.open(p) for p in self.sources.values()])
         space = SearchSpace(self.config.space, self.base, self.sources, base.num_layers,
                             seed=self.config.seed, flat=needs_flat_space(self.config))
+        check_storage(self.config)
         start_ray(self.config)
         self._start_workers()
         try:
@@ -204,117 +224,10 @@ class Runner:
         if REFERENCES_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCES_ATTR, self._score_references())
 
-        budget, deadline = self.config.budget.n_trials, None
-        if self.config.budget.timeout:
-            deadline = time.time() + self.config.budget.timeout
-        trials = study.get_trials(deepcopy=False)
-        scored = Scored(self.config)
-        for t in trials:
-            scored.add_trial(t)
-        done = sum(counted(t) for t in trials)
-        used = done  # trials counted or running, as the storage last showed
-        progress = Progress(total=budget, done=done, failed=sum(
-            t.state == TrialState.FAIL and counted(t) for t in trials))
-        progress.started = time.time()
-        in_flight: dict[Any, _InFlight] = {}
-        waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
-        idle = list(range(len(self.workers))) * SLOTS_PER_WORKER  # free slots, by worker
-        ran_on_dead: dict[int, tuple[Any, int]] = {}  # dead actor -> (it, the submission it ran)
-
-        def budget_left() -> bool:
-            if deadline is not None and time.time() >= deadline:
-                return False
-            waiting = sum(len(w) for w in waiting_on.values())
-            return budget is None or max(used, done + len(in_flight) + waiting) < budget
-
-        def fits_budget(trial: optuna.trial.Trial) -> bool:
-            """One read of the storage per trial asked, as other drivers may share the
-            study: whether the trials numbered before this one leave room for it (drivers
-            that ask at the same moment agree on which of theirs is one too many), and
-            other drivers' results, so that no recipe is scored twice."""
-            nonlocal used
-            ahead = 0
-            for t in study.get_trials(deepcopy=False):
-                scored.add_trial(t)
-                ahead += t.number < trial.number and (counted(t) or t.state == TrialState.RUNNING)
-            used = ahead + 1
-            return budget is None or ahead < budget
-
-        def finish(trial, values: dict[str, float] | None, attrs: dict[str, Any]) -> None:
-            nonlocal done
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
-            if values is None:
-                study.tell(trial, state=TrialState.FAIL)
-                progress.failed += 1
-            else:
-                study.tell(trial, [values[o] for o in self.objectives])
-            done += 1
-            progress.done = done
-
         stop = threading.Event()  # set by the first Ctrl-C
         try:
             with _sigint_sets(stop):
-                while not stop.is_set():
-                    driver.beat()
-                    while idle and budget_left() and not stop.is_set():
-                        trial = study.ask()
-                        trial.set_user_attr("driver", driver.id)
-                        if not fits_budget(trial):
-                            trial.set_user_attr("over_budget", True)  # another driver took its place
-                            study.tell(trial, state=TrialState.FAIL)
-                            break
-                        recipe = space.sample(trial)
-                        h = recipe.hash()
-                        trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
-                        trial.set_user_attr("recipe_hash", h)
-                        if h in scored.values:
-                            finish(trial, scored.values[h], {"duplicate_of_hash": h, **scored.fidelity(h)})
-                            continue
-                        if any(f.recipe.hash() == h for f in in_flight.values()):
-                            waiting_on.setdefault(h, []).append(trial)
-                            continue
-                        wi = idle.pop()
-                        self._submit(in_flight, _InFlight(trial, recipe, wi, fraction=scored.first_fraction))
-                    progress.in_flight = len(in_flight)
-                    self.on_progress(progress)
-                    if not in_flight:
-                        break
-                    ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                    for ref in ready:
-                        if stop.is_set():  # a result cut short by Ctrl-C is not recorded
-                            break
-                        job = in_flight.pop(ref)
-                        try:
-                            result = ray.get(ref)
-                        except ray.exceptions.RayActorError as e:
-                            # The worker died (killed, OOM-killed, node lost): replace it and
-                            # retry this trial on the new one, a bounded number of times.
-                            if self.workers[job.worker] is job.actor:  # not yet replaced
-                                self.workers[job.worker] = self._spawn(job.worker)
-                            # An actor runs its calls in order: of the candidates it held,
-                            # only the first submitted was running. The one queued behind
-                            # it never ran, and goes to the new worker without a charge.
-                            if id(job.actor) not in ran_on_dead:  # the handle is kept: ids stay unique
-                                ran_on_dead[id(job.actor)] = (job.actor, min(
-                                    [job.seq, *(j.seq for j in in_flight.values() if j.actor is job.actor)]))
-                            running = job.seq == ran_on_dead[id(job.actor)][1]
-                            if not running or job.attempts <= self.config.workers.max_retries:
-                                job.attempts += running
-                                self._submit(in_flight, job)
-                                continue
-                            times = "time" if job.attempts == 1 else "times"
-                            result = {"error": f"worker died {job.attempts} {times}: {_actor_cause(e)}",
-                                      "values": {}, "metrics": {}, "timings": {}, "worker": None}
-                        if job.fraction < 1 and not result.get("error") and scored.promote(result):
-                            job.low, job.fraction = result, 1.0  # the full set, same slot
-                            self._submit(in_flight, job)
-                            continue
-                        idle.append(job.worker)
-                        self._record(job, result, finish, scored, waiting_on)
-                        self._update_front(study, progress)
-                self._update_front(study, progress, force=True)
-                self.on_progress(progress)
+                _TrialLoop(self, study, space, driver, stop).run()
             if stop.is_set():
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -393,7 +306,7 @@ class Runner:
             extra = {"duplicate_of": job.trial.number, **scored.fidelity(h)}
             if values is None:
                 extra["error"] = f"duplicate of failed trial {job.trial.number}"
-            finish(dup, values, extra)
+            finish(dup, values, extra, counts=False)
 
     def _update_front(self, study: optuna.Study, progress: Progress, force: bool = False) -> None:
         from mergesearch.search.front import pareto_front
@@ -411,6 +324,197 @@ class Runner:
             if vals:
                 best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
         progress.best = best
+
+
+class _TrialLoop:
+    """Asks trials while the budget allows, keeps every worker slot busy, records results.
+
+    The budget is shared with any other driver of the study: ``done`` counts what was
+    counted when this driver started plus what it finished since, ``used`` what the
+    storage last showed as counted or running. A duplicate recipe is told its first
+    trial's scores and costs no trial of the budget. Dead co-drivers' trials are taken
+    over with each heartbeat; with nothing left in flight, the driver ends only once no
+    other driver holds a running trial, so the drivers together end on exactly the budget
+    whichever of them dies."""
+
+    def __init__(self, runner: Runner, study: optuna.Study, space, driver: Driver, stop: threading.Event):
+        self.runner, self.study, self.space, self.driver, self.stop = runner, study, space, driver, stop
+        budget = runner.config.budget
+        self.budget = budget.n_trials
+        self.deadline = time.time() + budget.timeout if budget.timeout else None
+        trials = study.get_trials(deepcopy=False)
+        self.scored = Scored(runner.config)
+        for t in trials:
+            self.scored.add_trial(t)
+        self.done = self.used = sum(counted(t) for t in trials)
+        self.progress = Progress(total=self.budget, done=self.done, done_at_start=self.done, failed=sum(
+            t.state == TrialState.FAIL and counted(t) for t in trials))
+        self.others_running = 0  # running trials of other drivers, as the storage last showed
+        self.duplicates_in_a_row = 0
+        self.in_flight: dict[Any, _InFlight] = {}
+        self.waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
+        self.idle = list(range(len(runner.workers))) * SLOTS_PER_WORKER  # free slots, by worker
+        self.ran_on_dead: dict[int, tuple[Any, int]] = {}  # dead actor -> (it, the submission it ran)
+
+    def run(self) -> None:
+        import ray
+
+        while not self.stop.is_set():
+            if self.driver.beat():
+                self.refresh()
+            self.fill()
+            self.progress.in_flight = len(self.in_flight)
+            self.runner.on_progress(self.progress)
+            if not self.in_flight:
+                if not self.wait_for_others():
+                    break
+                continue
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                if self.stop.is_set():  # a result cut short by Ctrl-C is not recorded
+                    break
+                self.collect(ref)
+                self.runner._update_front(self.study, self.progress)
+        self.runner._update_front(self.study, self.progress, force=True)
+        self.runner.on_progress(self.progress)
+
+    # ---- the budget -------------------------------------------------------------------
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def budget_left(self) -> bool:
+        if self.out_of_time() or self.progress.note:
+            return False
+        return self.budget is None or max(self.used, self.done + len(self.in_flight)) < self.budget
+
+    def refresh(self) -> None:
+        """Take over dead drivers' running trials (failed, re-queued: this driver picks them
+        up), then read how much of the budget is used and what others still run."""
+        recover_orphans(self.study, keep_driver=self.driver.id)
+        self.used = self.others_running = 0
+        for t in self.study.get_trials(deepcopy=False):
+            self.scored.add_trial(t)
+            self.used += uses_budget(t)
+            self.others_running += t.state == TrialState.RUNNING and t.user_attrs.get("driver") != self.driver.id
+
+    def wait_for_others(self) -> bool:
+        """With nothing in flight: whether to go on. A co-driver's running trials may yet
+        fail and be re-queued, or its driver die: the budget is known only once they end."""
+        if self.progress.note or self.out_of_time() or self.budget is None:
+            return False
+        self.driver.beat(force=True)  # fresh: a stall of ours never looks like death
+        self.refresh()
+        if self.budget_left():
+            return True
+        if not self.others_running:
+            return False
+        self.stop.wait(1.0)
+        return True
+
+    def fits_budget(self, trial: optuna.trial.Trial) -> bool:
+        """One read of the storage per trial asked, as other drivers may share the
+        study: whether the trials numbered before this one leave room for it (drivers
+        that ask at the same moment agree on which of theirs is one too many), and
+        other drivers' results, so that no recipe is scored twice."""
+        ahead = 0
+        for t in self.study.get_trials(deepcopy=False):
+            self.scored.add_trial(t)
+            ahead += t.number < trial.number and uses_budget(t)
+        self.used = ahead + 1
+        return self.budget is None or ahead < self.budget
+
+    # ---- trials -----------------------------------------------------------------------
+
+    def fill(self) -> None:
+        """Ask trials for the free worker slots while the budget allows."""
+        study, scored = self.study, self.scored
+        while self.idle and self.budget_left() and not self.stop.is_set():
+            trial = study.ask()
+            trial.set_user_attr("driver", self.driver.id)
+            if not self.fits_budget(trial):
+                trial.set_user_attr("over_budget", True)  # another driver took its place
+                study.tell(trial, state=TrialState.FAIL)
+                return
+            recipe = self.space.sample(trial)
+            h = recipe.hash()
+            trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
+            trial.set_user_attr("recipe_hash", h)
+            if h in scored.values or any(f.recipe.hash() == h for f in self.in_flight.values()):
+                self.duplicate(trial, h)
+                continue
+            self.duplicates_in_a_row = 0
+            self.runner._submit(self.in_flight, _InFlight(trial, recipe, self.idle.pop(),
+                                                          fraction=scored.first_fraction))
+
+    def duplicate(self, trial: optuna.trial.Trial, h: str) -> None:
+        """A recipe already scored (told its scores now) or in flight (told them when they
+        come): the trial is kept for the sampler to learn from, and costs no budget."""
+        trial.set_user_attr("duplicate_of_hash", h)  # marked at once: no driver counts it
+        self.used -= 1  # as fits_budget counted it
+        self.progress.duplicates += 1
+        self.duplicates_in_a_row += 1
+        if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+            known = set(self.scored.values) | {f.recipe.hash() for f in self.in_flight.values()}
+            self.progress.note = (
+                f"stopped early: the sampler proposed {self.duplicates_in_a_row} recipes in a row "
+                f"that were scored or in flight already; the space seems to hold no other recipe "
+                f"({len(known)} distinct recipes)")
+        if h in self.scored.values:
+            self.finish(trial, self.scored.values[h], self.scored.fidelity(h), counts=False)
+        else:
+            self.waiting_on.setdefault(h, []).append(trial)
+
+    def finish(self, trial, values: dict[str, float] | None, attrs: dict[str, Any],
+               counts: bool = True) -> None:
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if values is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.progress.failed += counts
+        else:
+            self.study.tell(trial, [values[o] for o in self.runner.objectives])
+        self.done += counts
+        self.progress.done = self.done
+
+    def collect(self, ref) -> None:
+        """Record one result; a dead worker's candidate is retried on its replacement,
+        and a promising first-pass score is scored again on the full set."""
+        import ray
+
+        runner, job = self.runner, self.in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            # The worker died (killed, OOM-killed, node lost): replace it and
+            # retry this trial on the new one, a bounded number of times.
+            if runner.workers[job.worker] is job.actor:  # not yet replaced
+                runner.workers[job.worker] = runner._spawn(job.worker)
+            # An actor runs its calls in order: of the candidates it held,
+            # only the first submitted was running. The one queued behind
+            # it never ran, and goes to the new worker without a charge.
+            if id(job.actor) not in self.ran_on_dead:  # the handle is kept: ids stay unique
+                self.ran_on_dead[id(job.actor)] = (job.actor, min(
+                    [job.seq, *(j.seq for j in self.in_flight.values() if j.actor is job.actor)]))
+            running = job.seq == self.ran_on_dead[id(job.actor)][1]
+            if not running or job.attempts <= runner.config.workers.max_retries:
+                job.attempts += running
+                runner._submit(self.in_flight, job)
+                return
+            times = "time" if job.attempts == 1 else "times"
+            result = {"error": f"worker died {job.attempts} {times}: {_actor_cause(e)}",
+                      "values": {}, "metrics": {}, "timings": {}, "worker": None}
+        if job.fraction < 1 and not result.get("error") and self.scored.promote(result):
+            job.low, job.fraction = result, 1.0  # the full set, same slot
+            runner._submit(self.in_flight, job)
+            return
+        self.idle.append(job.worker)
+        runner._record(job, result, self.finish, self.scored, self.waiting_on)
+
+
+def uses_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Counted, or running and to be counted once it ends (a duplicate never is)."""
+    return counted(trial) or (trial.state == TrialState.RUNNING and not is_duplicate(trial))
 
 
 @contextlib.contextmanager
@@ -438,4 +542,4 @@ def _actor_cause(e: Exception) -> str:
     # Ray prefixes the remote traceback; the last line carries the original error.
     last = lines[-1].strip() if lines else e.__class__.__name__
     # Our own errors need no class name: they say which field or file is wrong.
-    return re.sub(r"^mergesearch\.errors\.\w+: ", "", last)
+    return re.sub(r"^mergesearch(\.\w+)+: ", "", last)
