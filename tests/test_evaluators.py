@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from mergesearch.recipe import Recipe
 from mergesearch.search import CandidateWorker
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = str(ROOT / "configs" / "tasks")
+TASKS = str(ROOT / "mergesearch" / "demo" / "tasks")
 
 
 def config(objectives: list[dict], **extra):
@@ -161,3 +162,55 @@ def test_eval_command_scores_a_recipe(demo_experts, tmp_path):
                           str(tmp_path / "r.json"), "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["values"]["add"] >= 0.85
+
+
+def test_eval_command_takes_demo_for_the_demo_config_wherever_it_runs(demo_experts, tmp_path):
+    # a wheel user has no path to the packaged config: `demo` names it
+    out = subprocess.run([sys.executable, "-m", "mergesearch.cli", "eval", "demo", "--model",
+                          str(demo_experts["sort"]), "--heldout", "--json"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    values = json.loads(out.stdout)["values"]
+    assert set(values) == {"add_heldout", "reverse_heldout", "sort_heldout"}
+    assert values["sort_heldout"] >= 0.9
+
+
+def test_each_lm_eval_objective_runs_with_its_own_batch_size(families):
+    cfg = config([{"name": "one", "tasks": ["demo_add"], "metric": "acc,none", "limit": 8, "batch_size": 1},
+                  {"name": "four", "tasks": ["demo_sort"], "metric": "acc,none", "limit": 8, "batch_size": 4}])
+    worker = CandidateWorker(cfg.snapshot(), families["llama"]["base"], {})
+    batches: list[int] = []  # the batch dimension of each forward pass of the live model
+    hook = worker.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append((args[0] if args else kwargs["input_ids"]).shape[0]),
+        with_kwargs=True)
+    seen = {}
+    try:
+        for ev in worker.evaluators:
+            batches.clear()
+            assert ev.score(None).ok
+            seen[ev.objective.name] = sorted(set(batches))
+    finally:
+        hook.remove()
+    assert seen == {"one": [1], "four": [4]}
+
+
+def test_eval_command_prints_no_library_progress_bars(families, tmp_path):
+    f = families["llama"]
+    (tmp_path / "text.jsonl").write_text('{"text": "12+7=19 and 3+4=7"}\n{"text": "abcd>dcba and xyz>zyx"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "models": {"base": f["base"], "sources": {"s0": f["s0"]}},
+        "objectives": [
+            {"name": "add", "tasks": ["demo_add"], "metric": "acc,none", "limit": 8, "batch_size": 4},
+            {"name": "ppl", "evaluator": "perplexity", "direction": "minimize", "seq_len": 8,
+             "max_tokens": 32, "dataset": {"path": "json", "data_files": "text.jsonl"}},
+            {"name": "cost", "evaluator": "cost"}],
+        "lm_eval": {"include_path": TASKS, "include_defaults": False}}))
+    Recipe(method="ties", base_model=f["base"], models=[
+        {"model": f["s0"], "parameters": {"weight": 1.0, "density": 0.5}}]).save(tmp_path / "r.json")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # a fresh dataset build
+    out = subprocess.run([sys.executable, "-m", "mergesearch.cli", "eval", str(cfg), "--recipe",
+                          str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ppl" in out.stdout and "cost" in out.stdout
+    assert "/s]" not in out.stderr and "%|" not in out.stderr, out.stderr[-2000:]

@@ -150,7 +150,7 @@ def test_mergekit_export_of_a_fisher_recipe_is_refused():
 def test_calibration_uses_test_documents_the_objectives_do_not_score(tmp_path, demo_experts):
     config = load_config(write_config(tmp_path, n_trials=1, fisher={"examples": 4}))
     texts = calibration_texts(config)
-    root = Path(__file__).resolve().parent.parent / "configs" / "tasks"
+    root = Path(__file__).resolve().parent.parent / "mergesearch" / "demo" / "tasks"
     add = [json.loads(line) for line in (root / "add_test.jsonl").read_text().splitlines()]
     sort = [json.loads(line) for line in (root / "sort_test.jsonl").read_text().splitlines()]
     # the objectives score the first 16 documents (limit: 16): documents 16, 17 are used,

@@ -10,6 +10,8 @@ True`` and takes ``measure(recipe, fraction=...)``. Any evaluator may report the
 ``stderr`` (the standard error of its value) and ``examples`` (how many it scored); a
 search with ``fidelity.enabled`` promotes a candidate scored on a subset to the full set
 only if, allowing for the standard error, it could still enter the Pareto front.
+
+`score` runs `measure` with the libraries' progress bars and chatter off (`quiet`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from mergesearch.evaluators.quiet import quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergesearch.config import Config, Objective
@@ -77,7 +81,8 @@ class Evaluator(ABC):
         start = time.perf_counter()
         fraction = fraction if self.partial and fraction < 1 else 1.0
         try:
-            value, metrics = self.measure(recipe, fraction=fraction) if fraction < 1 else self.measure(recipe)
+            with quiet_libraries():
+                value, metrics = self.measure(recipe, fraction=fraction) if fraction < 1 else self.measure(recipe)
             value = float(value)
             if not math.isfinite(value):
                 return Score(self.objective.name, None, metrics, f"{self.objective.name}: score is {value}",

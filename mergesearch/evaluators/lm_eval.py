@@ -26,7 +26,9 @@ from mergesearch.evaluators.base import Evaluator
 # lm-eval's CLI defaults (`--seed 0,1234,1234,1234`).
 RANDOM_SEED, NUMPY_SEED, TORCH_SEED = 0, 1234, 1234
 
-_WRAPPERS: dict[int, Any] = {}  # id(model) -> HFLM, shared by a worker's lm-eval evaluators
+# (id(model), batch size) -> HFLM, shared by a worker's lm-eval evaluators of one batch size:
+# an HFLM holds its batch size, so objectives of different batch sizes need one each.
+_WRAPPERS: dict[tuple[int, int], Any] = {}
 
 
 @cache
@@ -40,11 +42,11 @@ def task_manager(include_paths: tuple[str, ...], include_defaults: bool):
 def wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
     from lm_eval.models.huggingface import HFLM
 
-    lm = _WRAPPERS.get(id(model))
+    key = (id(model), batch_size)
+    lm = _WRAPPERS.get(key)
     if lm is None or lm.model is not model:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        _WRAPPERS[id(model)] = lm
-    lm.batch_size_per_gpu = batch_size
+        _WRAPPERS[key] = lm
     return lm
 
 

@@ -1,8 +1,9 @@
 """The merge-method registry: each method's function, knobs, defaults and valid ranges.
 
 A method is a pure function ``fn(x: MergeInputs, **params) -> Tensor`` over one tensor.
-Its knobs are declared once here, beside it; recipe validation and the search space read
-them from the registry, so nothing restates them.
+Its knobs are declared once here, beside it, and so is how it sparsifies the task vectors
+(`Sparsity`); recipe validation, the search space and the cost evaluator read them from the
+registry, so nothing restates them.
 """
 
 from __future__ import annotations
@@ -150,6 +151,34 @@ def _lowbias32_(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Sparsity:
+    """How a method sparsifies each task vector, declared once beside its knobs: what
+    reads it (the cost evaluator, recipe checks, the search space) asks here, not by name.
+
+    ``kind``: ``none`` (every entry kept), ``magnitude`` (top-k by magnitude, TIES),
+    ``outliers`` (breadcrumbs: the largest dropped, then the smallest), ``random`` (DARE's
+    Bernoulli drop), ``della`` (DELLA's drop, with keep probabilities ranked by magnitude),
+    ``pcb`` (PCB's balancing scores), ``variance`` (SCE: where the task vectors vary most).
+    ``knob`` names the knob giving the fraction to keep (per model or global) and
+    ``kept(fraction, n)`` how many of a tensor's ``n`` entries one task vector keeps at it:
+    exact for deterministic masks, the expected count for random ones.
+    """
+
+    kind: str = "none"
+    knob: str | None = None
+    kept: Callable[[float, int], float] | None = None
+
+    def kept_entries(self, fraction: float | None, n: int) -> float:
+        """Entries of one task vector of ``n`` entries kept at the knob's value."""
+        if self.kept is None or fraction is None:
+            return float(n)
+        return float(self.kept(fraction, n))
+
+
+NO_SPARSITY = Sparsity()
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     fn: Callable[..., torch.Tensor]
@@ -166,6 +195,7 @@ class MergeMethod:
     # coefficient, each input's). The engine then sums the resident weights directly
     # (`TaskVectors._combine`); ``fn`` stays the reference it is tested against.
     combination: Callable[..., tuple[float, list[float]]] | None = None
+    sparsity: Sparsity = NO_SPARSITY  # how it sparsifies each task vector
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -194,15 +224,19 @@ def merge_method(
     mergekit: bool = True,
     needs: tuple[str, ...] = (),
     combination: Callable[..., tuple[float, list[float]]] | None = None,
+    sparsity: Sparsity = NO_SPARSITY,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``fn`` under ``name`` with its knobs."""
+    """Register ``fn`` under ``name`` with its knobs (and, for a method that drops entries
+    of the task vectors, its `Sparsity`)."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
+        if sparsity.knob is not None and sparsity.knob not in {p.name for p in params}:
+            raise ValueError(f"merge method {name!r}: its sparsity reads no knob {sparsity.knob!r}")
         METHODS[name] = MergeMethod(
             name, fn, tuple(params), base, min_sources, max_sources, random, reference,
-            mergekit, (fn.__doc__ or "").strip(), tuple(needs), combination,
+            mergekit, (fn.__doc__ or "").strip(), tuple(needs), combination, sparsity,
         )
         return fn
 

@@ -43,10 +43,10 @@ class CandidateWorker:
         from transformers import AutoTokenizer
 
         from mergesearch.evaluators import build_evaluators
+        from mergesearch.evaluators.quiet import quiet_libraries
         from mergesearch.merging import TaskVectors, load_live_model
 
         started = time.perf_counter()
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars
         data = dict(snapshot)
         root = Path(data.pop("root", "."))
         self.config = parse_config(data, source="config snapshot", root=root)
@@ -55,18 +55,19 @@ class CandidateWorker:
         if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             device = "cuda"
         cache_gb = self.config.workers.cache_gb
-        self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu",
-                                  cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
-        if fisher:
-            self.load_fisher(fisher)
-        trust = self.config.models.trust_remote_code
-        self.model = load_live_model(self.engine.base.path, self.engine.device, self.config.models.dtype,
-                                     trust_remote_code=trust)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
-        objectives = self.config.heldout if heldout else self.config.objectives
-        self.evaluators = build_evaluators(self.config, objectives)
-        for ev in self.evaluators:
-            ev.setup(self.model, self.tokenizer, self.engine)
+        with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
+            self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu",
+                                      cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
+            if fisher:
+                self.load_fisher(fisher)
+            trust = self.config.models.trust_remote_code
+            self.model = load_live_model(self.engine.base.path, self.engine.device,
+                                         self.config.models.dtype, trust_remote_code=trust)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
+            objectives = self.config.heldout if heldout else self.config.objectives
+            self.evaluators = build_evaluators(self.config, objectives)
+            for ev in self.evaluators:
+                ev.setup(self.model, self.tokenizer, self.engine)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node = _ray_node_id()
         self.setup_seconds = time.perf_counter() - started

@@ -67,6 +67,7 @@ from optuna.distributions import (
 from mergesearch.config import ConfigError, Space
 from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod, Param, all_methods, get_method
+from mergesearch.merging.sparsify import della_in_range
 from mergesearch.recipe import Recipe, evaluate, layer_t
 
 ATTN_FILTERS = ("attn", ".attention.")  # Llama family, GPT-2 / GPT-NeoX
@@ -88,7 +89,7 @@ class SearchSpace:
         self.knobs = {m: {p.name: self._spec(method, p) for p in method.params}
                       for m, method in self.methods.items()}
         for method in self.methods.values():
-            if method.param("epsilon"):
+            if method.sparsity.kind == "della":
                 self._fit_density_to_epsilon(method)
 
     # ---- trial -> recipe ---------------------------------------------------------------
@@ -114,7 +115,7 @@ class SearchSpace:
         for alias, path in self._inputs(trial, method):
             per: dict[str, Any] = {}
             for p in method.per_model_params:
-                if p.name == "epsilon":  # after density: the registry lists it later
+                if p.name == "epsilon" and method.sparsity.kind == "della":  # after density, listed later
                     per[p.name] = self._epsilon(trial, method, alias, per.get("density"))
                 else:
                     per[p.name] = self._value(trial, method, p, f"{name}.{p.name}.{alias}")
@@ -245,7 +246,7 @@ class SearchSpace:
                 raise ConfigError(f"{where}: no density in [{d.low}, {d.high}] keeps density "
                                   f"+/- epsilon {e} inside (0, 1)")
             knobs["density"] = FloatDistribution(low, high)
-        elif d < 1 and not e < d < 1 - e:
+        elif not della_in_range(d, e):
             raise ConfigError(f"{where}: density {d} +/- epsilon {e} must stay inside (0, 1)")
 
     def _check_models(self) -> None:

@@ -49,9 +49,11 @@ def _register(name: str, inner_name: str) -> None:
     method.__name__ = name
     method.__doc__ = f"{name}: {inner_name} with a consensus of TALL masks (arXiv:2405.07813)."
     params = [*inner.params, MASK_LAMBDA, K]
+    # The inner method's sparsity: what it keeps is an upper bound, as the TALL masks then
+    # drop entries according to the task vectors themselves.
     merge_method(name, params, base="required", min_sources=inner.min_sources,
                  random=inner.random, reference="https://arxiv.org/abs/2405.07813",
-                 mergekit=False)(method)
+                 mergekit=False, sparsity=inner.sparsity)(method)
 
 
 _register("consensus_ta", "task_arithmetic")

@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from mergesearch.merging.methods.common import DENSITY, LAMBDA, WEIGHT
-from mergesearch.merging.registry import MergeInputs, Param, merge_method
+from mergesearch.merging.registry import MergeInputs, Param, Sparsity, merge_method
 from mergesearch.merging.sparsify import kth_smallest
 
 PCB_WEIGHT = replace(WEIGHT, default=1.0, search=(0.8, 1.3))  # the authors' search range
@@ -54,8 +54,16 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
 
+def pcb_kept(density: float, n: int) -> int:
+    """Entries of a task vector of ``n`` that keep a non-zero beta: those ranked above the
+    cut; the cut entry itself becomes the minimum, which min-max sends to 0."""
+    cut = int(n * (1 - density))
+    return 0 if cut >= n else n - cut - 1
+
+
 @merge_method("pcb", [PCB_WEIGHT, PCB_DENSITY, LAMBDA, CLIP], base="required",
-              reference="https://arxiv.org/abs/2410.02396", mergekit=False)
+              reference="https://arxiv.org/abs/2410.02396", mergekit=False,
+              sparsity=Sparsity("pcb", "density", pcb_kept))
 def pcb(x: MergeInputs, *, weight: list[float], density: list[float], clip: float,
         **knobs) -> torch.Tensor:
     n = x.models.shape[0]

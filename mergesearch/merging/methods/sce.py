@@ -7,7 +7,7 @@ import torch
 
 from mergesearch.merging.methods.common import INT8_MASK
 from mergesearch.merging.methods.task_arithmetic import sign_consensus
-from mergesearch.merging.registry import MergeInputs, Param, merge_method
+from mergesearch.merging.registry import MergeInputs, Param, Sparsity, merge_method
 
 SELECT_TOPK = Param("select_topk", default=1.0, valid=(0.0, 1.0), search=(0.1, 1.0))
 
@@ -25,8 +25,17 @@ def _select_mask(tvs: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
+def sce_kept(fraction: float, n: int) -> int:
+    """Entries `_select_mask` keeps of ``n``: int(fraction * n) where every entry varies
+    between the task vectors (the count of those that do is known only from the weights)."""
+    if fraction >= 1:
+        return n
+    return 0 if fraction <= 0 else int(n * fraction)
+
+
 @merge_method("sce", [INT8_MASK, SELECT_TOPK], base="required",
-              reference="https://arxiv.org/abs/2408.07990")
+              reference="https://arxiv.org/abs/2408.07990",
+              sparsity=Sparsity("variance", "select_topk", sce_kept))
 def sce(x: MergeInputs, *, select_topk: float, int8_mask: bool) -> torch.Tensor:
     tvs = x.deltas
     if select_topk < 1:
