@@ -232,14 +232,14 @@ def mergekit_in_memory(recipe, model, args) -> float:
     from transformers import AutoConfig
 
     options = MergeOptions(device=args.device, quiet=True, read_to_gpu=args.device != "cpu")
-    config = MergeConfiguration.model_validate(recipe.to_mergekit())
+    config = MergeConfiguration.model_validate(mergekit_config(recipe))
     arch = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
     cfg = AutoConfig.from_pretrained(recipe.base_model or recipe.models[0].model)
     params = dict(model.named_parameters())
 
     def once():
-        cfg_copy = MergeConfiguration.model_validate(recipe.to_mergekit())
+        cfg_copy = MergeConfiguration.model_validate(mergekit_config(recipe))
         planner = MergePlanner(cfg_copy, arch, options, cfg)
         # plan_in_memory() itself fails pydantic validation in mergekit 0.1.5 (ReturnTensor's
         # tensor_task is typed Task[Tensor], the merge task is Task[Optional[Tensor]]), so
@@ -256,6 +256,14 @@ def mergekit_in_memory(recipe, model, args) -> float:
     return timeit(once, args.repeat)
 
 
+def mergekit_config(recipe) -> dict:
+    """The recipe's mergekit config with mergekit's default arithmetic: the checkpoints'
+    bf16 (ours computes in float32; see RESULTS.md). Export would write `dtype: float32`."""
+    config = recipe.to_mergekit()
+    config.pop("dtype", None)
+    return config
+
+
 def mergekit_disk(recipe, root: Path, args) -> float:
     """`mergekit-yaml` to disk, then `from_pretrained` of the result."""
     from mergekit.config import MergeConfiguration
@@ -267,7 +275,7 @@ def mergekit_disk(recipe, root: Path, args) -> float:
 
     def once():
         shutil.rmtree(out, ignore_errors=True)
-        run_merge(MergeConfiguration.model_validate(recipe.to_mergekit()), str(out),
+        run_merge(MergeConfiguration.model_validate(mergekit_config(recipe)), str(out),
                   MergeOptions(device=args.device, quiet=True, copy_tokenizer=False,
                                write_model_card=False))
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)

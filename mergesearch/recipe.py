@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Scalar = Union[bool, int, float, str]
 
@@ -55,6 +55,10 @@ class SourceModel(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+# Recipe fields left out of the hash while unset (added after recipes were first stored).
+OPTIONAL_FIELDS = ("lines", "compute_dtype", "tokenizer_source", "chat_template", "slice_ranges")
+
+
 class Recipe(BaseModel):
     """One merge candidate. Immutable; `hash()` is stable across processes and machines."""
 
@@ -65,14 +69,30 @@ class Recipe(BaseModel):
     models: list[SourceModel]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     seed: int = 0
-    dtype: str | None = None
+    dtype: str | None = None  # of the merged model's weights (default: the base's)
+    # The dtype the merge computes in: float32 unless set (our recipes' default, whatever
+    # the checkpoints hold); "auto" computes in each tensor's stored dtype. mergekit
+    # configs set it, as mergekit computes in its `dtype` (else the stored dtype).
+    compute_dtype: str | None = None
     lines: Lines | None = None  # a LiNeS layer schedule on top of the method
+    # What mergekit writes beside the weights: the tokenizer of "base" or of a model of
+    # the merge (default: the base's), and a chat template (a built-in name or Jinja text).
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    # The layer ranges of the mergekit slices this recipe was read from: only the model
+    # can tell whether they cover its layers exactly (`validate_recipe` checks it).
+    slice_ranges: list[tuple[int, int]] | None = None
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _float32_is_the_default(cls, v: str | None) -> str | None:
+        return None if v in ("float32", "torch.float32") else v
 
     # ---- identity -------------------------------------------------------------------
 
     def canonical_json(self) -> str:
-        # `lines` enters only when set, so recipes without it keep their hashes
-        exclude = {"lines"} if self.lines is None else None
+        # Fields added later enter only when set, so recipes without them keep their hashes.
+        exclude = {k for k in OPTIONAL_FIELDS if getattr(self, k) is None}
         return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True,
                           separators=(",", ":"))
 
@@ -99,9 +119,12 @@ class Recipe(BaseModel):
         """Read our recipe JSON or a mergekit YAML, whichever the file holds."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+        except UnicodeDecodeError as e:  # config.read_text's message; recipe imports no config
+            raise RecipeError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}); save the file as UTF-8") from None
         try:
             data = yaml.safe_load(text)  # JSON is YAML
         except yaml.YAMLError as e:
@@ -114,9 +137,11 @@ class Recipe(BaseModel):
 
     # ---- mergekit YAML --------------------------------------------------------------
 
-    def to_mergekit(self) -> dict[str, Any]:
+    def to_mergekit(self, out_dtype: str | None = None) -> dict[str, Any]:
         """mergekit's config for this recipe; RecipeError where mergekit 0.1.5 cannot
-        express it (a method it lacks; LiNeS other than through a GTA method's lambda)."""
+        express it (a method it lacks; LiNeS other than through a GTA method's lambda).
+        ``out_dtype``: the merged model's dtype where the recipe leaves it to the base (a
+        caller that opened the base knows it), so that mergekit writes the same weights."""
         parameters = self._mergekit_parameters()
         out: dict[str, Any] = {
             "merge_method": self.method,
@@ -129,8 +154,14 @@ class Recipe(BaseModel):
             out["base_model"] = self.base_model
         if parameters:
             out["parameters"] = _dump(parameters)
-        if self.dtype:
-            out["dtype"] = self.dtype
+        for key in ("tokenizer_source", "chat_template"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.compute_dtype != "auto":
+            out["dtype"] = self.compute_dtype or "float32"
+        written = self.dtype or out_dtype
+        if written and written != out.get("dtype"):
+            out["out_dtype"] = written
         return out
 
     def _mergekit_parameters(self) -> dict[str, ParamValue]:
@@ -162,8 +193,25 @@ class Recipe(BaseModel):
         params["lambda"] = [lam * a, lam * (a + b)]
         return params
 
-    def to_mergekit_yaml(self) -> str:
-        return yaml.safe_dump(self.to_mergekit(), sort_keys=False)
+    def to_mergekit_yaml(self, out_dtype: str | None = None) -> str:
+        text = yaml.safe_dump(self.to_mergekit(out_dtype), sort_keys=False)
+        caveat = self.mergekit_caveat()
+        return "".join(f"# {line}\n" for line in caveat.splitlines()) + text if caveat else text
+
+    def mergekit_caveat(self) -> str | None:
+        """Why mergekit builds other weights from this recipe's config, or None: a random
+        method's masks come from our seeded generator, while mergekit draws its own."""
+        from mergesearch.merging.registry import get_method
+
+        try:
+            random = get_method(self.method).random
+        except KeyError:
+            return None
+        if not random:
+            return None
+        return (f"mergekit draws {self.method}'s random masks itself, unseeded, so this config\n"
+                "builds a different model from this recipe's. To rebuild this recipe's weights\n"
+                "run `mergesearch merge recipe.json OUT` (or export with --save-model).")
 
     @classmethod
     def from_mergekit(cls, data: dict[str, Any] | str, source: str = "mergekit config") -> Recipe:
@@ -176,9 +224,12 @@ class Recipe(BaseModel):
             raise RecipeError(f"{source}: merge_method is missing")
         base = data.pop("base_model", None)
         params = data.pop("parameters", None) or {}
-        dtype = data.pop("dtype", None) or data.pop("out_dtype", None)
-        data.pop("tokenizer_source", None)
-        data.pop("chat_template", None)
+        # mergekit loads (and so computes in) `dtype`, else each tensor's stored dtype, and
+        # writes `out_dtype`, else what it computed in.
+        compute = data.pop("dtype", None)
+        dtype = data.pop("out_dtype", None) or compute
+        tokenizer_source = _tokenizer_source(data, source)
+        chat_template = data.pop("chat_template", None)
         if "modules" in data:
             raise RecipeError(f"{source}: modules: configs are not supported; use models: or slices:")
         models, slices = data.pop("models", None), data.pop("slices", None)
@@ -186,11 +237,14 @@ class Recipe(BaseModel):
             raise RecipeError(f"{source}: unknown key {sorted(data)[0]!r}")
         if bool(models) == bool(slices):
             raise RecipeError(f"{source}: exactly one of 'models' or 'slices' must be given")
+        ranges = None
         if slices:
-            models, params = _flatten_slices(slices, params, base, source, method)
+            models, params, ranges = _flatten_slices(slices, params, base, source, method)
         return cls.from_dict(
             {"method": method, "base_model": base, "models": models, "parameters": params,
-             "dtype": dtype},
+             "dtype": dtype, "compute_dtype": compute or "auto",
+             "tokenizer_source": tokenizer_source, "chat_template": chat_template,
+             "slice_ranges": ranges},
             source=source,
         )
 
@@ -283,6 +337,41 @@ def _yaml_numbers(data: Any) -> Any:
     return data
 
 
+UNION_REFUSAL = ("mergesearch does not build merged vocabularies ('union'); "
+                 "use tokenizer_source: base")
+
+
+def _tokenizer_source(data: dict[str, Any], source: str) -> str | None:
+    """mergekit's `tokenizer_source`, or the `source` of its newer `tokenizer:` section.
+    What would change the vocabulary (a union, added tokens, padding) is refused: the
+    embeddings mergekit writes would then differ from ours."""
+    legacy, section = data.pop("tokenizer_source", None), data.pop("tokenizer", None)
+    if legacy is not None and section is not None:
+        raise RecipeError(f"{source}: give tokenizer_source or tokenizer, not both")
+    if section is not None:
+        if not isinstance(section, dict):
+            raise RecipeError(f"{source}: tokenizer: expected a mapping with a source")
+        for key in sorted(section):
+            if key == "source" or section[key] is None:
+                continue
+            what = {"tokens": "sets token embeddings",
+                    "pad_to_multiple_of": "pads the vocabulary"}.get(key)
+            if what is None:
+                raise RecipeError(f"{source}: tokenizer: unknown key {key!r}")
+            raise RecipeError(f"{source}: tokenizer.{key}: mergekit {what} there and "
+                              f"mergesearch does not; use tokenizer_source: base")
+        legacy, where = section.get("source", "union"), "tokenizer.source"
+    else:
+        where = "tokenizer_source"
+    if legacy is None:
+        return None
+    if legacy == "union":
+        raise RecipeError(f"{source}: {where}: union: {UNION_REFUSAL}")
+    if not isinstance(legacy, str):
+        raise RecipeError(f"{source}: {where}: expected 'base' or a model of the merge")
+    return legacy
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """The parser's complaint on one line (its own message spans several)."""
     mark = getattr(e, "problem_mark", None)
@@ -299,8 +388,9 @@ def _first_error(e: ValidationError) -> str:
 def _flatten_slices(
     slices: list[dict[str, Any]], top_params: dict[str, Any], base: str | None, source: str,
     method: str,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Turn depth-preserving `slices:` into one models list with per-layer parameter lists.
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[int, int]]]:
+    """Turn depth-preserving `slices:` into one models list with per-layer parameter lists
+    (and the slices' layer ranges, for the check against the model's layer count).
 
     Each slice's gradients are evaluated at mergekit's per-slice t for each of its layers,
     so the resulting one-value-per-layer lists reproduce the slice semantics exactly.
@@ -340,7 +430,7 @@ def _flatten_slices(
         params = dict(top_params)
         for k, v in (sl.get("parameters") or {}).items():
             params[k] = _fall_back(v, top_params[k]) if k in top_params else v
-        return models, params
+        return models, params, ranges
 
     # Several slices: every parameter becomes an explicit per-layer list (per filter).
     def default(key: str) -> Any:
@@ -408,7 +498,7 @@ def _flatten_slices(
                 return [v for v in [*own, (sl.get("parameters") or {}).get(k), top_params.get(k)] if v is not None]
             mparams[k] = per_layer(g, k)
         models.append({"model": name, "parameters": mparams})
-    return models, params
+    return models, params, ranges
 
 
 # The tensors before the first layer and after the last in the supported architectures

@@ -74,7 +74,8 @@ def test_merge_writes_the_recipe_and_its_mergekit_yaml_beside_the_model(families
     assert result.exit_code == 0, result.stderr
     recipe = Recipe.from_mergekit(ties_recipe(f))
     assert Recipe.load(tmp_path / "out" / "recipe.json") == recipe
-    assert Recipe.load(tmp_path / "out" / "mergekit.yaml") == recipe
+    # the mergekit.yaml also names the merged model's dtype
+    assert Recipe.load(tmp_path / "out" / "mergekit.yaml") == recipe.model_copy(update={"dtype": "float32"})
     assert (tmp_path / "out" / "tokenizer.json").exists()
 
 
@@ -216,8 +217,10 @@ BAD = {
     "density_below_zero": (lambda f: ties_recipe(f, models=[{"model": f["s0"], "parameters": {
                            "weight": 1.0, "density": -0.1}}]),
                            "models[0].parameters.density: -0.1 is outside its valid range"),
-    "list_longer_than_layers": (lambda f: ties_recipe(f, parameters={"density": [0.5] * 5}),
-                                "parameters.density: 5 values fit no layer count of this model (4 layers)"),
+    "slices_dropping_layers": (lambda f: {**ties_recipe(f, models=None), "slices": [{"sources": [
+                               {"model": f["base"], "layer_range": [0, 2]},
+                               {"model": f["s0"], "layer_range": [0, 2], "parameters": {"weight": 0.6}}]}]},
+                               "slices[0].layer_range: [0, 2] of a model with 4 layers"),
     "unknown_parameter": (lambda f: ties_recipe(f, parameters={"densty": 0.5}),
                           "parameters.densty: not a parameter of ties"),
     "missing_weight": (lambda f: {**ties_recipe(f), "models": [{"model": f["s0"]}]},

@@ -117,6 +117,94 @@ def test_method_matches_mergekit(case, family, tmp_path):
     assert_same_tensors(ours, mergekit_tensors(config, tmp_path / "mk"))
 
 
+@pytest.fixture(scope="module")
+def family16(tmp_path_factory):
+    """The Llama family stored in bfloat16, as users' checkpoints are."""
+    from support import build_family
+    from transformers import AutoModelForCausalLM
+
+    f = build_family(tmp_path_factory.mktemp("bf16"), "llama")
+    for path in f.values():
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
+    return f, TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+
+
+def share_off_by_more_than_2_ulp(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    """The share of entries where ours, in mergekit's output dtype, is more than two units
+    in the last place of that dtype from mergekit's."""
+    off = total = 0
+    for name, t in theirs.items():
+        mantissa = -int(torch.log2(torch.tensor(torch.finfo(t.dtype).eps)))  # stored bits
+        o, t = ours[name].to(t.dtype).float(), t.float()
+        ulp = torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - mantissa)
+        off += int(((o - t).abs() > 2 * ulp).sum())
+        total += t.numel()
+    return off / total
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES)
+def test_16_bit_merge_computes_as_mergekit_does(case, dtype, family16, tmp_path):
+    # mergekit computes in its config's dtype: the task vectors, their magnitude cuts
+    # (where 16-bit values tie by the thousand) and the sums round as its do
+    f, tv = family16
+    method, spec = cases(f, tv.num_layers)[case]
+    config = {"merge_method": method, "dtype": dtype, **spec}
+    ours = dict(tv.merged_tensors(Recipe.from_mergekit(config)))
+    assert share_off_by_more_than_2_ulp(ours, mergekit_tensors(config, tmp_path / "mk")) < 0.002
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties", "model_stock", "linear"])
+def test_mergekit_config_without_dtype_computes_in_the_stored_dtype(case, family16, tmp_path):
+    f, tv = family16
+    method, spec = cases(f, tv.num_layers)[case]
+    config = {"merge_method": method, **spec}
+    recipe = Recipe.from_mergekit(config)
+    assert recipe.compute_dtype == "auto"
+    theirs = mergekit_tensors(config, tmp_path / "mk")
+    assert {t.dtype for t in theirs.values()} == {torch.bfloat16}
+    assert share_off_by_more_than_2_ulp(dict(tv.merged_tensors(recipe)), theirs) < 0.002
+
+
+def test_out_dtype_is_the_output_and_dtype_the_arithmetic(family16, tmp_path):
+    f, tv = family16
+    method, spec = cases(f, tv.num_layers)["ties"]
+    config = {"merge_method": method, "dtype": "bfloat16", "out_dtype": "float32", **spec}
+    recipe = Recipe.from_mergekit(config)
+    assert (recipe.compute_dtype, recipe.dtype) == ("bfloat16", "float32")
+    theirs = mergekit_tensors(config, tmp_path / "mk")
+    assert {t.dtype for t in theirs.values()} == {torch.float32}
+    assert share_off_by_more_than_2_ulp(dict(tv.merged_tensors(recipe)), theirs) < 0.002
+
+
+def test_our_recipes_export_float32_arithmetic_and_the_model_dtype():
+    recipe = Recipe(method="ties", base_model="b", models=[{"model": "m"}], dtype="bfloat16")
+    assert {k: v for k, v in recipe.to_mergekit().items() if "dtype" in k} == {
+        "dtype": "float32", "out_dtype": "bfloat16"}
+    plain = Recipe(method="ties", base_model="b", models=[{"model": "m"}])
+    assert plain.to_mergekit(out_dtype="float16")["out_dtype"] == "float16"
+    assert Recipe.from_mergekit(recipe.to_mergekit_yaml()) == recipe
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties"])
+def test_mergekit_yaml_written_beside_a_16_bit_merge_rebuilds_it(method, family16, tmp_path):
+    # our float32 arithmetic, cast to the base's bfloat16: the mergekit.yaml says both
+    from mergesearch.merging import load_live_model, save_model
+
+    f, tv = family16
+    recipe = Recipe(method=method, base_model=f["base"], parameters={"density": 0.4},
+                    models=[{"model": f["s0"], "parameters": {"weight": 0.7}},
+                            {"model": f["s1"], "parameters": {"weight": [0.2, 0.9]}}])
+    model = load_live_model(f["base"], tv.device)
+    tv.merge_into(model, recipe)
+    out = save_model(model, tmp_path / "ours", recipe=recipe)
+    config = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert (config["dtype"], config["out_dtype"]) == ("float32", "bfloat16")
+    theirs = mergekit_tensors(config, tmp_path / "mk")
+    # float32 sums in another order round to the other bfloat16 neighbour now and then
+    assert share_off_by_more_than_2_ulp(load_file(out / "model.safetensors"), theirs) < 0.002
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_exported_mergekit_yaml_gives_our_tensors(case, family, tmp_path):
     f, tv = family
@@ -157,7 +245,7 @@ def test_random_methods_export_the_same_method_and_parameters(method, families):
     parsed = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_mergekit_yaml()))
     assert parsed.merge_method == method
     assert parsed.base_model.model.path == f["base"]
-    assert parsed.dtype == "bfloat16"
+    assert (parsed.dtype, parsed.out_dtype) == ("float32", "bfloat16")  # our arithmetic, the model's dtype
     assert parsed.parameters == {"lambda": 1.2, "normalize": True, "rescale": False, "density": 0.7}
     assert [m.model.model.path for m in parsed.models] == [f["s0"], f["s1"]]
     assert parsed.models[0].parameters == {"weight": 0.5, "density": 0.6, **eps}

@@ -105,7 +105,14 @@ def test_mergekit_scientific_notation_is_a_number():
 
 
 def test_mergekit_export_and_import_round_trip():
-    assert Recipe.from_mergekit(FIXED.to_mergekit_yaml()) == FIXED.model_copy(update={"seed": 0})
+    typed = FIXED.model_copy(update={"dtype": "bfloat16"})
+    assert Recipe.from_mergekit(typed.to_mergekit_yaml()) == typed.model_copy(update={"seed": 0})
+
+
+def test_mergekit_export_without_a_model_dtype_writes_float32():
+    # our arithmetic is float32; told nothing else, mergekit writes what it computed in
+    back = Recipe.from_mergekit(FIXED.to_mergekit_yaml())
+    assert back == FIXED.model_copy(update={"seed": 0, "dtype": "float32"})
 
 
 # ---- mergekit YAML: slices: -----------------------------------------------------------
@@ -122,7 +129,9 @@ def test_single_slice_is_the_models_form():
     models_form = Recipe.from_mergekit({
         "merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5, "density": 0.3},
         "models": [{"model": "x", "parameters": {"weight": [0.1, 0.9]}}, {"model": "b"}]})
-    assert r == models_form
+    # the same recipe, plus the range the model's layer count is checked against
+    assert r.slice_ranges == [(0, 4)]
+    assert r.model_copy(update={"slice_ranges": None}) == models_form
 
 
 def test_single_slice_filters_fall_back_to_top_level_parameters():

@@ -175,6 +175,7 @@ class TaskVectors:
         sum can write straight into its parameter in ``into`` is written there and yielded
         as that parameter."""
         method = self.check(recipe)
+        exact = recipe.compute_dtype is None  # float32: the fast paths below apply
         base_name, inputs = method_inputs(method, recipe)
         base_row = self.row(base_name) if base_name else None
         rows = [self.row(s.model) for s in inputs]
@@ -186,24 +187,27 @@ class TaskVectors:
                 params = resolve_params(method, recipe, inputs, name, layer_t(layer, self.num_layers))
                 scale = None if recipe.lines is None else lines_scale(
                     recipe.lines.alpha, recipe.lines.beta, layer, self.num_layers)
-                if method.combination is not None:
+                if method.combination is not None and exact:
                     yield name, self._combine(name, base_row, rows, *method.combination(**params),
                                               lines=scale, into=(into or {}).get(name))
                     continue
                 stack = self.stacks[name]
                 shape = stack.shape[1:]
-                # Inputs are copied (and upcast) into float32 work buffers that live as long
-                # as the engine: large fresh allocations cost page faults on every use.
-                models = self._buffer("models", len(rows), shape)
+                dtype = compute_dtype(recipe, stack.dtype)
+                # Inputs are copied (and cast) into work buffers of the compute dtype that
+                # live as long as the engine: large fresh allocations cost page faults.
+                models = self._buffer("models", len(rows), shape, dtype)
                 for j, r in enumerate(rows):
                     models[j].copy_(stack[r])
                 base = None
                 if base_row is not None:
-                    base = self._buffer("base", 1, shape)[0].copy_(stack[base_row])
+                    base = self._buffer("base", 1, shape, dtype)[0].copy_(stack[base_row])
+                # What is kept across candidates was derived from float32 task vectors.
                 x = MergeInputs(name=name, base=base, models=models, seed=recipe.seed,
-                                workspace=self._buffer("deltas", len(rows), shape),
+                                workspace=self._buffer("deltas", len(rows), shape, dtype),
                                 random_cache=self.random_cache, layer=layer,
-                                num_layers=self.num_layers, derived_cache=self.derived_cache,
+                                num_layers=self.num_layers,
+                                derived_cache=self.derived_cache if exact else None,
                                 rows=tuple(rows), base_row=base_row)
                 if "fisher" in method.needs:
                     x.fisher = self._buffer("fisher", len(rows), shape)
@@ -253,13 +257,16 @@ class TaskVectors:
             acc = self._work["block"] = torch.empty(2 * size, dtype=torch.float32, device=self.device)
         return acc[:size], acc[size:2 * size]
 
-    def _buffer(self, key: str, rows: int, shape: torch.Size) -> torch.Tensor:
-        """A float32 view of shape (rows, *shape) into a reusable buffer."""
+    def _buffer(self, key: str, rows: int, shape: torch.Size,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A view of shape (rows, *shape) into a reusable buffer of ``dtype``."""
         need = rows * math.prod(shape)
+        if dtype != torch.float32:
+            key = f"{key}.{dtype}"
         buf = self._work.get(key)
         if buf is None or buf.numel() < need:
             largest = max(math.prod(s.shape[1:]) for s in self.stacks.values())
-            buf = torch.empty(max(need, rows * largest), dtype=torch.float32, device=self.device)
+            buf = torch.empty(max(need, rows * largest), dtype=dtype, device=self.device)
             self._work[key] = buf
         return buf[:need].view(rows, *shape)
 
@@ -307,6 +314,15 @@ class TaskVectors:
         kept = [*self.stacks.values(), *self.fisher.values(),
                 *(self.random_cache or {}).values(), *(self.derived_cache or {}).values()]
         return sum(t.numel() * t.element_size() for t in kept)
+
+
+def compute_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
+    """The dtype a recipe's merge computes in, for a tensor stored in ``stored``."""
+    if recipe.compute_dtype is None:
+        return torch.float32
+    if recipe.compute_dtype == "auto":
+        return stored
+    return getattr(torch, recipe.compute_dtype.removeprefix("torch."))
 
 
 def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel],

@@ -8,6 +8,10 @@ A task vector is the same for every candidate of a search, so what depends on it
 the magnitude ranks of its entries, can be computed once per worker (`magnitude_ranks`,
 `row_rank_fraction`) and passed in: selection then costs a comparison per entry instead
 of a selection or a sort.
+
+Beside each mask, how many entries it keeps (``*_kept``): the rules the methods declare in
+their `Sparsity`, which the cost evaluator reads; and DELLA's rule for its knobs
+(`della_in_range`), which recipe checks and the search space read.
 """
 
 from __future__ import annotations
@@ -101,6 +105,26 @@ def _rank_at_least(values: torch.Tensor, r: int) -> torch.Tensor:
     return mask
 
 
+def _sixteen_bit(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def _magnitude_order(tensor: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Entries by magnitude as mergekit 0.1.5 orders them: torch's (unstable) sort, of the
+    magnitudes upcast on CPU. In 16-bit arithmetic many entries tie at a density's cut, and
+    only this order keeps the ones mergekit keeps."""
+    w = tensor.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    return torch.sort(w, descending=descending).indices
+
+
+def _by_order(indices: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    keep[indices] = True
+    return keep
+
+
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False,
               ranks: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (at least one).
@@ -113,8 +137,18 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False,
     k = max(1, int(density * n))
     if ranks is not None:
         return rescaled(tensor, ranks >= n - k, rescale, inplace=inplace)
+    if _sixteen_bit(tensor):
+        keep = _by_order(_magnitude_order(tensor, descending=True)[:k], n)
+        return rescaled(tensor, keep.reshape(tensor.shape), rescale, inplace=inplace)
     keep = select_range(tensor.abs().reshape(-1), n - k, n)
     return rescaled(tensor, keep.reshape(tensor.shape), rescale, inplace=inplace)
+
+
+def magnitude_kept(density: float, n: int) -> int:
+    """Entries `magnitude` keeps of ``n``: the top int(density * n), at least one."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 or n == 0 else max(1, int(density * n))
 
 
 def magnitude_outliers(
@@ -133,9 +167,17 @@ def magnitude_outliers(
         return rescaled(tensor, torch.zeros_like(tensor), rescale, inplace=inplace)
     if ranks is not None:
         keep = _ranked_range(ranks, n_bottom, n_bottom + target)
+    elif _sixteen_bit(tensor):
+        order = _magnitude_order(tensor, descending=False)
+        keep = _by_order(order[n_bottom:n_bottom + target], n).reshape(tensor.shape)
     else:
         keep = select_range(tensor.abs().reshape(-1), n_bottom, n_bottom + target).reshape(tensor.shape)
     return rescaled(tensor, keep, rescale, inplace=inplace)
+
+
+def outliers_kept(density: float, n: int) -> int:
+    """Entries `magnitude_outliers` keeps of ``n``: int(density * n), whatever ``gamma``."""
+    return n if density >= 1 else max(0, int(density * n))
 
 
 def bernoulli(
@@ -146,6 +188,11 @@ def bernoulli(
     if density >= 1:
         return tensor
     return rescaled(tensor, uniform < density, rescale, inplace=inplace)
+
+
+def bernoulli_kept(density: float, n: int) -> float:
+    """Entries `bernoulli` keeps of ``n``, in expectation."""
+    return float(n) if density >= 1 else max(0.0, density) * n
 
 
 def row_rank_fraction(tensor: torch.Tensor) -> torch.Tensor:
@@ -171,10 +218,24 @@ def della_magprune(
         return tensor
     if density <= 0:
         return torch.zeros_like(tensor)
-    if density + epsilon >= 1 or density - epsilon <= 0:
+    if not della_in_range(density, epsilon):
         raise ValueError("epsilon must keep density +/- epsilon inside (0, 1)")
     rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
     rank_norm = row_rank_fraction(tensor) if rank_fraction is None else rank_fraction
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     mask = uniform.reshape(rows.shape) < probs
     return rescaled(rows, mask, rescale, inplace=inplace).reshape(tensor.shape)
+
+
+def della_in_range(density: float, epsilon: float) -> bool:
+    """DELLA's keep probabilities, density +/- epsilon, must lie inside (0, 1) wherever it
+    drops anything (density < 1)."""
+    return density >= 1 or (density - epsilon > 0 and density + epsilon < 1)
+
+
+def della_kept(density: float, n: int) -> float:
+    """Entries `della_magprune` keeps of ``n``, in expectation: the keep probabilities rise
+    linearly over evenly spaced ranks, so their mean is ``density``, whatever ``epsilon``."""
+    if density >= 1:
+        return float(n)
+    return 0.0 if density <= 0 else density * n

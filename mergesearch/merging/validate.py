@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergesearch.merging.registry import MergeMethod, get_method
+from mergesearch.merging.sparsify import della_in_range
 from mergesearch.recipe import Recipe, RecipeError, SourceModel, anchors, evaluate, scalars
 
 # The dtypes a merged model can be written in (mergekit's names, less int64).
@@ -28,6 +29,8 @@ def validate_recipe(recipe: Recipe, num_layers: int | None = None) -> MergeMetho
     base, inputs = method_inputs(method, recipe)
     if recipe.dtype is not None and recipe.dtype.removeprefix("torch.") not in DTYPES:
         raise RecipeError(f"dtype: {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    if recipe.compute_dtype not in (None, "auto") and recipe.compute_dtype.removeprefix("torch.") not in DTYPES:
+        raise RecipeError(f"compute_dtype: {recipe.compute_dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if not recipe.models:
         raise RecipeError("models: at least one source model is needed")
     if method.base == "required" and not base:
@@ -44,6 +47,7 @@ def validate_recipe(recipe: Recipe, num_layers: int | None = None) -> MergeMetho
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise RecipeError(f"models: {dup} is listed twice")
+    _check_slices(recipe, num_layers)
 
     known = {p.name for p in method.params}
     for where, params, allowed in (
@@ -87,16 +91,28 @@ def _check_lines(method: MergeMethod, recipe: Recipe, base: str | None) -> None:
             raise RecipeError(f"lines.{p.name}: {problem}")
 
 
+def _check_slices(recipe: Recipe, num_layers: int | None) -> None:
+    """A recipe read from mergekit slices must keep every layer: slices that leave layers
+    out or go past the last one build a model of another depth in mergekit."""
+    if recipe.slice_ranges is None or num_layers is None:
+        return
+    start, last = 0, len(recipe.slice_ranges) - 1
+    for i, (a, b) in enumerate(recipe.slice_ranges):
+        if a != start or b <= a or b > num_layers or (i == last and b != num_layers):
+            raise RecipeError(
+                f"slices[{i}].layer_range: [{a}, {b}] of a model with {num_layers} layers: the "
+                f"slices must cover layers 0..{num_layers - 1} in order; depth-changing "
+                "(frankenmerge) slices are not supported")
+        start = b
+
+
 def _check_value(method: MergeMethod, field: str, key: str, value: Any, num_layers: int | None) -> None:
     param = method.param(key)
+    # Any number of anchors is a gradient: mergekit interpolates them over the layers,
+    # more anchors than layers included (one per layer is the exact special case).
     for a in anchors(value):
         if not a:
             raise RecipeError(f"{field}: empty list")
-        if num_layers is not None and len(a) > num_layers:
-            raise RecipeError(
-                f"{field}: {len(a)} values fit no layer count of this model ({num_layers} layers); "
-                f"give one value per layer or fewer anchors to interpolate"
-            )
     for v in scalars(value):
         if param.type is not bool and v is None:
             continue
@@ -109,7 +125,7 @@ def _check_value(method: MergeMethod, field: str, key: str, value: Any, num_laye
 
 def _check_della(method: MergeMethod, recipe: Recipe, num_layers: int | None) -> None:
     """DELLA needs density +/- epsilon inside (0, 1) wherever density < 1."""
-    if not method.param("epsilon"):
+    if method.sparsity.kind != "della":
         return
     layers = range(num_layers or 2)
     for i, s in enumerate(recipe.models):
@@ -117,7 +133,7 @@ def _check_della(method: MergeMethod, recipe: Recipe, num_layers: int | None) ->
             t = layer / (len(layers) - 1)
             d = _resolve(s, recipe, "density", t, method)
             e = _resolve(s, recipe, "epsilon", t, method)
-            if isinstance(d, (int, float)) and isinstance(e, (int, float)) and d < 1 and (d + e >= 1 or d - e <= 0):
+            if isinstance(d, (int, float)) and isinstance(e, (int, float)) and not della_in_range(d, e):
                 raise RecipeError(
                     f"models[{i}].parameters.epsilon: density {d:g} +/- epsilon {e:g} must stay inside (0, 1)"
                 )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
+from mergesearch.merging.output import new_file
 from mergesearch.merging.registry import get_method
 from mergesearch.recipe import Recipe, RecipeError
 
@@ -34,7 +34,8 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
         out.mkdir(parents=True, exist_ok=True)
         staged.append((_stage(out / "recipe.json", recipe.to_json() + "\n"), out / "recipe.json"))
         try:
-            staged.append((_stage(out / "mergekit.yaml", recipe.to_mergekit_yaml()), out / "mergekit.yaml"))
+            yaml_text = recipe.to_mergekit_yaml(out_dtype=_model_dtype(config, recipe))
+            staged.append((_stage(out / "mergekit.yaml", yaml_text), out / "mergekit.yaml"))
         except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
             staged.append((None, out / "mergekit.yaml"))
         if save_model:
@@ -51,7 +52,10 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
             model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype,
                                     trust_remote_code=config.models.trust_remote_code)
             engine.merge_into(model, recipe)
-            write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe)
+            from mergesearch.merging.card import model_card
+
+            card = model_card(recipe, out.name, trial=trial.number, scores=trial.user_attrs.get("scores"))
+            write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe, card=card)
         while staged:
             tmp, target = staged.pop(0)
             if tmp is None:
@@ -74,9 +78,21 @@ def _config_base(config: Config) -> str:
     return resolve_models(config)[0]
 
 
+def _model_dtype(config: Config, recipe: Recipe) -> str:
+    """The dtype of the model the study scored: the recipe's, the config's, else the base's
+    as stored (what transformers' ``dtype="auto"`` loads)."""
+    from mergesearch.merging import Checkpoint
+
+    if recipe.dtype or config.models.dtype:
+        return str(recipe.dtype or config.models.dtype).removeprefix("torch.")
+    base = Checkpoint.open(recipe.base_model or _config_base(config)).config
+    return str(base.get("dtype") or base.get("torch_dtype") or "float32")
+
+
 def _stage(path: Path, text: str) -> str:
-    """``text`` written and synced to a temporary file beside ``path``, for `os.replace`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """``text`` written and synced to a temporary file beside ``path``, for `os.replace`; its
+    mode is the umask's, as a plain write's would be."""
+    fd, tmp = new_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -18,7 +18,9 @@ def _coefficients(*, weight: list[float], normalize: bool) -> tuple[float, list[
 @merge_method("linear", [WEIGHT, normalize(True)], base="none",
               reference="https://arxiv.org/abs/2203.05482", combination=_coefficients)
 def linear(x: MergeInputs, *, weight: list[float], normalize: bool) -> torch.Tensor:
-    """sum_i w_i * m_i, divided by sum_i w_i when ``normalize``."""
-    w = torch.tensor(weight, dtype=x.models.dtype, device=x.models.device)
-    out = torch.tensordot(w, x.models, dims=1)
+    """sum_i w_i * m_i, divided by sum_i w_i when ``normalize``; in float32 whatever the
+    inputs' dtype (as mergekit sums 16-bit inputs)."""
+    models = x.models.float()
+    w = torch.tensor(weight, dtype=models.dtype, device=models.device)
+    out = torch.tensordot(w, models, dims=1)
     return out / w.sum() if normalize else out

@@ -15,7 +15,7 @@ def model_stock(x: MergeInputs, *, filter_wise: bool) -> torch.Tensor:
     result = t * mean(models) + (1 - t) * base. Where the denominator vanishes, the base."""
     base, models = x.base, x.models
     n = models.shape[0]
-    if not filter_wise:
+    if not filter_wise and models.dtype == torch.float32:
         # Every pairwise dot product from one Gram matrix (one pass over the task vectors,
         # in BLAS) instead of a product and a sum per pair.
         offsets = x.deltas.reshape(n, -1)
@@ -26,9 +26,13 @@ def model_stock(x: MergeInputs, *, filter_wise: bool) -> torch.Tensor:
         denom = 1 + (n - 1) * cos
         t = 0.0 if denom.abs() < 1e-6 else float(n * cos / denom)
         return offsets.sum(dim=0).mul_(t / n).reshape(base.shape).add_(base)
-    # filter-wise: one angle per row (a 1-D tensor is one row)
-    b = base.unsqueeze(0) if base.dim() == 1 else base
-    ms = models.unsqueeze(1) if base.dim() == 1 else models
+    # Filter-wise: one angle per row (a 1-D tensor is one row). Also the whole tensor as one
+    # row in 16-bit arithmetic, where only mergekit's order of operations rounds as it does.
+    if not filter_wise:
+        b, ms = base.reshape(1, -1), models.reshape(n, 1, -1)
+    else:
+        b = base.unsqueeze(0) if base.dim() == 1 else base
+        ms = models.unsqueeze(1) if base.dim() == 1 else models
     offsets = ms - b
     norms = torch.linalg.vector_norm(offsets, dim=-1)
     cosines = []
@@ -41,4 +45,5 @@ def model_stock(x: MergeInputs, *, filter_wise: bool) -> torch.Tensor:
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos),
                     n * cos / torch.where(singular, torch.ones_like(denom), denom))
-    return (t * ms.mean(dim=0) + (1 - t) * b).reshape(base.shape)
+    average = sum(ms.unbind(0)) / n
+    return (t * average + (1 - t) * b).reshape(base.shape)

@@ -29,8 +29,9 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: floa
 @merge_method("slerp", [Param("t", valid=(0.0, 1.0), search=(0.0, 1.0))], base="required",
               min_sources=1, max_sources=1, reference="https://en.wikipedia.org/wiki/Slerp")
 def slerp(x: MergeInputs, *, t: float) -> torch.Tensor:
-    """t = 0 gives the base, t = 1 the other model."""
-    return slerp_pair(t, x.base, x.models[0])
+    """t = 0 gives the base, t = 1 the other model; in float32 whatever the inputs' dtype
+    (as mergekit interpolates 16-bit inputs)."""
+    return slerp_pair(t, x.base.float(), x.models[0].float())
 
 
 def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1,

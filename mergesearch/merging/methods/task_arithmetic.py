@@ -21,10 +21,19 @@ from mergesearch.merging.methods.common import (
     normalize,
     rescale,
 )
-from mergesearch.merging.registry import MergeInputs, Param, merge_method
+from mergesearch.merging.registry import NO_SPARSITY, MergeInputs, Param, Sparsity, merge_method
 
 GAMMA = Param("gamma", default=0.01, per_model=True, valid=(0.0, 1.0), search=(0.0, 0.1))
 EPSILON = Param("epsilon", default=0.15, per_model=True, valid=(0.0, 1.0), search=(0.01, 0.2))
+
+# What each kind of sparsifier below keeps of a task vector, at its ``density``.
+SPARSITY = {
+    None: NO_SPARSITY,  # density accepted (as mergekit does) and unused
+    "magnitude": Sparsity("magnitude", "density", sparsify.magnitude_kept),
+    "random": Sparsity("random", "density", sparsify.bernoulli_kept),
+    "outliers": Sparsity("outliers", "density", sparsify.outliers_kept),
+    "della": Sparsity("della", "density", sparsify.della_kept),
+}
 
 
 def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -77,7 +86,9 @@ def generalized_task_arithmetic(
         mixed.mul_(sign)
     else:
         mixed = deltas.sum(dim=0)
-        total = sum(weight)  # from the knobs: no read-back from the device
+        # From the knobs (no read-back from the device), or as the weights' sum in 16-bit
+        # arithmetic, which rounds each weight first.
+        total = sum(weight) if w.dtype == torch.float32 else float(w.sum())
         if normalize and abs(total) >= 1e-8:
             mixed.div_(total)
     if lambda_ != 1:
@@ -131,7 +142,7 @@ def _register(name, *, consensus, kind, default_normalize, default_rescale, refe
     method.__name__ = name
     method.__doc__ = f"{name}: generalized task arithmetic ({reference})."
     merge_method(name, params, base="required", random=kind in ("random", "della"),
-                 reference=reference,
+                 reference=reference, sparsity=SPARSITY[kind],
                  combination=task_arithmetic_coefficients if kind is None else None)(method)
 
 
