@@ -7,8 +7,10 @@ on all of them only if it could still enter the front (`--margin` standard error
 optimism); only full-fidelity scores make the front. Each search runs in process as in
 `search_quality.py`.
 
-    python benchmarks/fidelity.py [--sampler tpe] [--seeds 3] [--trials 100] [--limit 60]
+    python benchmarks/fidelity.py [--sampler tpe] [--seeds 5] [--trials 80] [--limit 60]
         [--fraction 0.25] [--margins 2 1] [--jobs 2]
+
+Hypervolumes are reported as the median over seeds with the quartiles in brackets.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def hv_at(run: dict, reference: np.ndarray, budgets: list[int]) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sampler", default="tpe")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=100, help="trials of the search without multi-fidelity")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=80, help="trials of the search without multi-fidelity")
     ap.add_argument("--limit", type=int, default=60, help="examples per objective")
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--margins", type=float, nargs="+", default=[2.0, 1.0])
@@ -59,15 +61,16 @@ def main() -> None:
     print(f"demo problem, {args.sampler}, {args.limit} examples per objective, first pass "
           f"{args.fraction:g}, {args.seeds} seeds; budget {budget} examples (= {args.trials} trials "
           f"without multi-fidelity); {time.perf_counter() - started:.0f}s")
-    print("| multi-fidelity | trials | on full set | " + " | ".join(f"HV @{b} examples" for b in budgets)
+    print("| multi-fidelity | trials | promoted to the full set | " + " | ".join(f"HV @{b} examples" for b in budgets)
           + " | HV per 10k examples |")
     print("|---|---|---|" + "---|" * (len(budgets) + 1))
     for name, runs in results.items():
         hv = np.array([hv_at(r, reference, budgets) for r in runs])
         trials = np.mean([len(r["values"]) for r in runs])
         full = np.mean([np.isfinite(np.array(r["values"], dtype=float)).all(axis=1).mean() for r in runs])
-        cells = [f"{hv[:, i].mean():.4f} ± {hv[:, i].std():.4f}" for i in range(len(budgets))]
-        per = hv[:, -1].mean() / budget * 1e4
+        q1, med, q3 = np.percentile(hv, [25, 50, 75], axis=0)
+        cells = [f"{med[i]:.4f} [{q1[i]:.4f}, {q3[i]:.4f}]" for i in range(len(budgets))]
+        per = med[-1] / budget * 1e4
         print(f"| {name} | {trials:.0f} | {full:.0%} | " + " | ".join(cells) + f" | {per:.4f} |")
 
 
