@@ -41,3 +41,19 @@ def build_family(root: Path, arch: str, n_sources: int = 3, scale: float = 0.02,
         src.save_pretrained(paths[f"s{i}"])
         tok.save_pretrained(paths[f"s{i}"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def cli_error(*args) -> str:
+    """Run the CLI in-process on ``args``, expecting a user error: exit code 2, no
+    traceback, one ``error:`` line, which is returned."""
+    from typer.testing import CliRunner
+
+    from mergesearch.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    errors = [ln for ln in output.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), output  # one message
+    return errors[0]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from support import cli_error
 from transformers import LlamaConfig, LlamaForCausalLM
-from typer.testing import CliRunner
 
-from mergesearch.cli import app
 from mergesearch.demo.tokenizer import char_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -81,13 +80,7 @@ def render(case: Path, places: dict[str, str], tmp_path: Path) -> tuple[Path, st
 
 
 def refuse(path: Path) -> str:
-    result = CliRunner().invoke(app, ["run", str(path)])
-    output = result.output.strip()
-    assert result.exit_code == 2, output
-    assert "Traceback" not in output
-    errors = [ln for ln in output.splitlines() if "error" in ln.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), output  # one message
-    return errors[0]
+    return cli_error("run", path)
 
 
 def test_the_corpus_holds_at_least_30_malformed_inputs():

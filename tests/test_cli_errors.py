@@ -10,9 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from typer.testing import CliRunner
+from support import cli_error
 
-from mergesearch.cli import app
 from mergesearch.config import ConfigError, mask_password, parse_config
 from mergesearch.search import runner
 from mergesearch.search.study import create_or_load
@@ -20,16 +19,6 @@ from mergesearch.search.study import create_or_load
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = str(ROOT / "mergesearch" / "demo" / "tasks")
 
-
-def refuse(*args) -> str:
-    """Run the CLI in-process; its one error line."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    output = result.output.strip()
-    assert result.exit_code == 2, output
-    assert "Traceback" not in output
-    errors = [ln for ln in output.splitlines() if "error" in ln.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), output  # one message
-    return errors[0]
 
 
 def config_data(run_dir: Path, base: str = "b", sources=None, **study) -> dict:
@@ -70,14 +59,14 @@ def no_ray(monkeypatch) -> list:
 def test_config_that_is_not_utf8_is_refused_naming_the_file_and_the_byte(tmp_path):
     f = tmp_path / "latin1.yaml"
     f.write_bytes("# caf\xe9 au lait\n".encode("latin-1") + yaml.safe_dump(config_data(tmp_path / "r")).encode())
-    error = refuse("run", f)
+    error = cli_error("run", f)
     assert error == f"error: {f}: not UTF-8 text (byte 0xe9 at offset 5); save the file as UTF-8"
 
 
 def test_mergekit_yaml_that_is_not_utf8_is_refused_naming_the_file_and_the_byte(tmp_path):
     f = tmp_path / "merge.yaml"
     f.write_bytes(b"merge_method: linear\nmodels:\n  - model: /m/caf\xe9\n")
-    error = refuse("merge", f, "--out", tmp_path / "out")
+    error = cli_error("merge", f, "--out", tmp_path / "out")
     assert error == f"error: {f}: not UTF-8 text (byte 0xe9 at offset 46); save the file as UTF-8"
     assert not (tmp_path / "out").exists()
 
@@ -112,14 +101,14 @@ def test_sources_no_suffix_tells_apart_are_refused_naming_both(tmp_path):
 
 
 def test_resume_refuses_a_negative_trial_budget_before_starting_ray(run_dir, no_ray):
-    error = refuse("resume", run_dir, "--n-trials", "-5")
+    error = cli_error("resume", run_dir, "--n-trials", "-5")
     assert error == "error: --n-trials: -5 is not a trial budget; give a number >= 1"
     assert not no_ray
 
 
 @pytest.mark.parametrize("n", ["0", "-1"])
 def test_demo_refuses_a_trial_budget_below_one_before_any_work(n, tmp_path, no_ray):
-    error = refuse("demo", "--run-dir", tmp_path / "demo", "--n-trials", n)
+    error = cli_error("demo", "--run-dir", tmp_path / "demo", "--n-trials", n)
     assert error == f"error: --n-trials: {n} is not a trial budget; give a number >= 1"
     assert not (tmp_path / "demo").exists()
 
@@ -141,21 +130,21 @@ def test_a_run_whose_storage_file_was_deleted_is_refused_naming_it_and_not_recre
     db = run_dir / "study.db"
     for f in run_dir.glob("study.db*"):
         f.unlink()
-    error = refuse(command[0], run_dir, *command[1:])
+    error = cli_error(command[0], run_dir, *command[1:])
     assert error == f"error: {db}: storage file not found (named by {run_dir / 'run.json'})"
     assert not db.exists()
 
 
 def test_a_storage_file_given_with_storage_is_never_created(tmp_path):
     db = tmp_path / "none.db"
-    error = refuse("status", "--storage", f"sqlite:///{db}", "--study", "s")
+    error = cli_error("status", "--storage", f"sqlite:///{db}", "--study", "s")
     assert error == f"error: {db}: storage file not found (named by --storage)"
     assert not db.exists()
 
 
 def test_a_study_missing_from_the_run_folders_storage_blames_run_json_not_study(run_dir):
     (run_dir / "run.json").write_text(json.dumps({"storage": f"sqlite:///{run_dir / 'study.db'}", "study": "gone"}))
-    error = refuse("status", run_dir)
+    error = cli_error("status", run_dir)
     assert error == f"error: {run_dir / 'run.json'}: no study named 'gone' in sqlite:///{run_dir / 'study.db'}"
 
 
@@ -168,7 +157,7 @@ def test_run_refuses_an_unreachable_storage_before_starting_ray(families, tmp_pa
     f.write_text(yaml.safe_dump(config_data(
         tmp_path / "run", llama["base"], {"a": llama["s0"], "b": llama["s1"]},
         storage="postgresql://u:p@ss@127.0.0.1:9/db")))
-    error = refuse("run", f)
+    error = cli_error("run", f)
     assert error.startswith("error: study.storage: cannot open postgresql://u:***@127.0.0.1:9/db (")
     assert not no_ray and not (tmp_path / "run").exists()
 
@@ -180,7 +169,7 @@ def test_run_refuses_a_study_with_other_objectives_before_starting_ray(families,
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(config_data(tmp_path / "run", llama["base"], {"a": llama["s0"], "b": llama["s1"]},
                                             storage=storage)))
-    error = refuse("run", f)
+    error = cli_error("run", f)
     assert error == ("error: study.name: study 's' already exists with objectives "
                      "maximize, minimize, not q (maximize); choose another study name")
     assert not no_ray and not (tmp_path / "run").exists()
@@ -193,7 +182,7 @@ def test_run_refuses_a_run_folder_inside_a_file_before_starting_ray(families, tm
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(config_data(tmp_path / "afile" / "run", llama["base"],
                                             {"a": llama["s0"], "b": llama["s1"]})))
-    error = refuse("run", f)
+    error = cli_error("run", f)
     afile = tmp_path / "afile"
     assert error == f"error: study.run_dir: cannot create {afile / 'run'}: {afile} is not a folder"
     assert not no_ray
@@ -206,7 +195,7 @@ def test_run_refuses_a_run_folder_inside_a_file_before_starting_ray(families, tm
 def test_a_config_file_given_for_a_run_folder_is_refused_naming_it(command, tmp_path):
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump(config_data(tmp_path / "run")))
-    error = refuse(command, config)
+    error = cli_error(command, config)
     assert error == (f"error: RUN: {config} is a file, not a run folder; "
                      f"a search starts from a config with `mergesearch run {config}`")
 
@@ -214,7 +203,7 @@ def test_a_config_file_given_for_a_run_folder_is_refused_naming_it(command, tmp_
 @pytest.mark.parametrize("option", ["--plot", "--csv"])
 def test_front_refuses_an_output_in_a_missing_folder_before_reading_the_study(option, tmp_path):
     missing = tmp_path / "no" / "such"
-    error = refuse("front", tmp_path / "no-run", option, missing / "front.out")
+    error = cli_error("front", tmp_path / "no-run", option, missing / "front.out")
     assert error == f"error: {option}: {missing}: no such folder"
 
 
@@ -226,12 +215,12 @@ def test_front_refuses_an_output_in_a_missing_folder_before_reading_the_study(op
 ])
 def test_a_malformed_run_json_is_refused_naming_it(content, problem, run_dir):
     (run_dir / "run.json").write_text(content)
-    assert refuse("status", run_dir) == f"error: {run_dir / 'run.json'}: {problem}"
+    assert cli_error("status", run_dir) == f"error: {run_dir / 'run.json'}: {problem}"
 
 
 def test_a_run_json_that_is_not_utf8_is_refused_naming_it(run_dir):
     (run_dir / "run.json").write_bytes(b'{"study": "\xe9"}')
-    assert refuse("status", run_dir) == (f"error: {run_dir / 'run.json'}: not UTF-8 text (byte 0xe9 at offset 11); "
+    assert cli_error("status", run_dir) == (f"error: {run_dir / 'run.json'}: not UTF-8 text (byte 0xe9 at offset 11); "
                                          "save the file as UTF-8")
 
 
