@@ -397,6 +397,7 @@ def _flatten_slices(
     """
     order: list[str] = []
     ranges: list[tuple[int, int]] = []
+    different = None
     for i, sl in enumerate(slices):
         srcs = sl.get("sources") or []
         if not srcs:
@@ -414,7 +415,7 @@ def _flatten_slices(
         if i == 0:
             order = names
         elif set(names) != set(order):
-            raise RecipeError(f"{source}: slices[{i}] uses different models than slices[0]")
+            different = i if different is None else different  # said after the ranges: a frankenmerge is likelier
     expected = 0
     for i, (a, b) in enumerate(ranges):
         if a != expected or b <= a:
@@ -424,6 +425,8 @@ def _flatten_slices(
                 "position are supported"
             )
         expected = b
+    if different is not None:
+        raise RecipeError(f"{source}: slices[{different}] uses different models than slices[0]")
     if len(slices) == 1:
         sl = slices[0]
         models = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sl["sources"]]
