@@ -4,6 +4,7 @@ never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,11 +49,9 @@ def running(processes: list[psutil.Process]) -> list[str]:
     """Names of those still running (a zombie has ended: only its exit status is left)."""
     names = []
     for p in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended between the two calls
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                 names.append(p.name())
-        except psutil.NoSuchProcess:
-            pass
     return names
 
 
@@ -67,10 +66,8 @@ def gone_within(processes: list[psutil.Process], seconds: float) -> list[str]:
 def kill_all(processes: list[psutil.Process]) -> None:
     """Clean up after a failed test: only the processes this test's driver started."""
     for p in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # already gone: nothing to clean
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def test_local_ray_prints_nothing_and_keeps_token_authentication():

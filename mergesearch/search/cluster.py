@@ -26,7 +26,7 @@ ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZE
 # descended from the given ones (pid:create_time, so that a reused pid is never taken for one).
 # It exits by itself once all of them are gone (a normal ray.shutdown()).
 _REAPER = """# mergesearch: stops a local Ray when the driver that started it dies
-import os, select, sys, psutil
+import contextlib, os, select, sys, psutil
 
 def alive(p):
     try:
@@ -61,10 +61,8 @@ while True:
         break
     if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 1):
         for p in known | set(descendants([r for r in roots if alive(r)])):
-            try:
+            with contextlib.suppress(psutil.Error):  # it ended by itself meanwhile
                 p.kill()
-            except psutil.Error:
-                pass
         break
 """
 
