@@ -3,7 +3,7 @@
 For a Llama-shaped random model (default ~0.5B parameters, bf16 on disk) with a base and
 three sources, per method:
 
-* ours: `TaskVectors.merge_into` on the resident weights (warm: the resident load is
+* ours: `MergeEngine.merge_into` on the resident weights (warm: the resident load is
   once per worker, so it is timed separately);
 * mergekit 0.1.5 in memory: `MergePlanner.plan_in_memory` + `Executor`, writing into the
   live model as mergekit-evolve's in-memory mode does (its loader cache warm);
@@ -151,7 +151,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from mergesearch.merging import TaskVectors
+    from mergesearch.merging import MergeEngine
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="merge_speed-"))
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def main() -> None:
           f"(written in {time.perf_counter() - t0:.1f}s); device {args.device}, threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
-    tv = TaskVectors(paths["base"], [paths[f"src{i}"] for i in range(1, args.sources + 1)], device=args.device)
+    tv = MergeEngine(paths["base"], [paths[f"src{i}"] for i in range(1, args.sources + 1)], device=args.device)
     load_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16).to(args.device)
     print(f"resident load (once per worker): {load_s:.2f}s, {tv.resident_bytes() / 2**30:.2f} GiB")
@@ -259,7 +259,9 @@ def mergekit_in_memory(recipe, model, args) -> float:
 def mergekit_config(recipe) -> dict:
     """The recipe's mergekit config with mergekit's default arithmetic: the checkpoints'
     bf16 (ours computes in float32; see RESULTS.md). Export would write `dtype: float32`."""
-    config = recipe.to_mergekit()
+    from mergesearch.merging.mergekit import to_mergekit
+
+    config = to_mergekit(recipe)
     config.pop("dtype", None)
     return config
 

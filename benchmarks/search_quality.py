@@ -41,7 +41,7 @@ def load_problem(limit: int, population: int | None = None, methods: list[str] |
     from mergesearch.config import load_config, parse_config
     from mergesearch.merging import Checkpoint
     from mergesearch.recipe import Recipe
-    from mergesearch.search.fisher import fisher_files, uses_fisher
+    from mergesearch.search.calibration import fisher_files, uses_fisher
     from mergesearch.search.worker import CandidateWorker, resolve_models
 
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mergesearch.errors import USER_ERRORS
+from mergesearch.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Evolutionary, multi-objective search over model-merge recipes.")
@@ -45,7 +45,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except UserError as e:
             err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -68,18 +68,19 @@ def merge(
 
     from mergesearch.merging import (
         Checkpoint,
-        TaskVectors,
+        MergeEngine,
         load_live_model,
         save_model,
         validate_recipe,
     )
     from mergesearch.merging.card import model_card
     from mergesearch.merging.checkpoint import check_custom_code
+    from mergesearch.merging.mergekit import load_recipe
     from mergesearch.merging.tokenizer import tokenizer_donor
-    from mergesearch.recipe import Recipe, RecipeError
+    from mergesearch.recipe import RecipeError
 
     out_dir = _merge_out(out_arg, out_dir)
-    r = Recipe.load(recipe)
+    r = load_recipe(recipe)
     base = r.base_model or r.models[0].model
     # Everything checkable is checked before any weights are read.
     validate_recipe(r)
@@ -93,7 +94,7 @@ def merge(
         raise RecipeError(f"{out_dir}: exists and is not a folder")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading models", total=None)
-        tv = TaskVectors(base, names[1:], device=device)
+        tv = MergeEngine(base, names[1:], device=device)
         model = load_live_model(tv.base.path, tv.device, r.dtype, trust_remote_code=trust_remote_code)
         bar.update(task, description="merging", total=len(tv.names), completed=0)
         tv.merge_into(model, r, progress=lambda i, n: bar.update(task, completed=i))
@@ -130,7 +131,8 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
     from rich.table import Table
 
     from mergesearch.config import ConfigError, load_config
-    from mergesearch.recipe import Recipe, RecipeError
+    from mergesearch.merging.mergekit import load_recipe
+    from mergesearch.recipe import RecipeError
     from mergesearch.search import CandidateWorker, resolve_models
 
     cfg = load_config(DEMO_CONFIG if str(config) == "demo" and not config.exists() else config)
@@ -146,7 +148,7 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
             worker = CandidateWorker(cfg.snapshot(), str(model), {}, heldout=heldout)
             recipe_json = None
         else:
-            r = Recipe.load(recipe)
+            r = load_recipe(recipe)
             base, sources = resolve_models(cfg)
             names = {alias: path for alias, path in sources.items()}
             wanted = [m for m in r.source_names() if m != (r.base_model or base)]
@@ -369,6 +371,7 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
            save_model: bool = typer.Option(False, "--save-model", help="Also write the merged model")):
     """Write a trial's recipe.json and mergekit.yaml (and with --save-model, the model)."""
     from mergesearch.errors import StudyError
+    from mergesearch.merging.mergekit import mergekit_caveat
     from mergesearch.search import RunRef, choose, export_trial
     from mergesearch.search.export import trial_recipe
     from mergesearch.search.front import parse_weights
@@ -384,7 +387,7 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     if not (path / "mergekit.yaml").exists():
         out.print("no mergekit.yaml: mergekit 0.1.5 cannot express this recipe; "
                   "`mergesearch merge recipe.json` merges it")
-    elif caveat := trial_recipe(t).mergekit_caveat():
+    elif caveat := mergekit_caveat(trial_recipe(t)):
         out.print(f"note: {escape(' '.join(caveat.splitlines()))}", highlight=False, soft_wrap=True)
 
 

@@ -13,12 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the field."""
+from mergesearch.errors import ConfigError
+from mergesearch.files import load_yaml
+from mergesearch.recipe import DTYPES
 
 
 class _Strict(BaseModel):
@@ -53,8 +52,8 @@ class Models(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        if v is not None and v not in ("float32", "float16", "bfloat16"):
-            raise ValueError("expected float32, float16 or bfloat16")
+        if v is not None and v.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"expected one of {', '.join(DTYPES)}")
         return v
 
 
@@ -117,37 +116,13 @@ class Space(_Strict):
             return {m: {} for m in v}
         return v
 
-    @model_validator(mode="after")
-    def _known(self) -> Space:
-        from mergesearch.merging.registry import all_methods
-
-        known = all_methods()
-        if not self.methods:
-            raise ValueError("methods: at least one method is needed")
-        for name, overrides in self.methods.items():
-            if name not in known:
-                raise ValueError(f"methods.{name}: unknown merge method; known: {', '.join(sorted(known))}")
-            for key, bound in overrides.items():
-                param = known[name].param(key)
-                if param is None:
-                    raise ValueError(f"methods.{name}.{key}: not a parameter of {name}")
-                _check_bound(f"methods.{name}.{key}", param, bound)
-        for key, bound in self.params.items():
-            params = [m.param(key) for n, m in known.items() if n in self.methods and m.param(key)]
-            if not params:
-                raise ValueError(f"params.{key}: no chosen method has this parameter")
-            _check_bound(f"params.{key}", params[0], bound)
-        return self
-
-
-def _check_bound(field: str, param, bound: Bound) -> None:
-    values = bound if isinstance(bound, list) else [bound]
-    if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
-        raise ValueError(f"{field}: a range is [low, high] with low <= high")
-    for v in values:
-        problem = param.check(v)
-        if problem:
-            raise ValueError(f"{field}: {problem}")
+    @field_validator("methods")
+    @classmethod
+    def _some(cls, v: dict[str, dict[str, Bound]]) -> dict[str, dict[str, Bound]]:
+        # Names and knobs are checked against the registry by `spaces.check_space`.
+        if not v:
+            raise ValueError("at least one method is needed")
+        return v
 
 
 # ---- objectives ---------------------------------------------------------------------------
@@ -360,33 +335,9 @@ def mask_password(url: str) -> str:
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
-def read_text(path: Path) -> str:
-    """A file the user wrote, as text; OSError where it cannot be read, and a ValueError
-    naming the file and the first byte that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         "save the file as UTF-8") from None
-
-
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        text = read_text(path)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = load_yaml(path, "config", ConfigError)
     return parse_config(data, source=str(path), root=path.resolve().parent)
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mergesearch.config import ConfigError, load_config, mask_password, parse_config
+from mergesearch.spaces import check_space
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {
@@ -70,13 +71,19 @@ def test_wrong_type_is_refused_with_its_path():
     assert refusal(with_(budget={"n_trials": "many"})).startswith("cfg.yaml: budget.n_trials:")
 
 
+def space_refusal(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        check_space(parse_config(data, source="cfg.yaml").space)
+    return str(e.value)
+
+
 def test_unknown_method_is_refused_naming_known_ones():
-    msg = refusal(with_(space={"methods": ["tiez"]}))
+    msg = space_refusal(with_(space={"methods": ["tiez"]}))
     assert "space.methods.tiez: unknown merge method" in msg and "ties" in msg
 
 
 def test_bound_outside_valid_range_is_refused():
-    msg = refusal(with_(space={"methods": ["ties"], "params": {"density": [0.2, 1.5]}}))
+    msg = space_refusal(with_(space={"methods": ["ties"], "params": {"density": [0.2, 1.5]}}))
     assert "space.params.density: 1.5 is outside its valid range [0.0, 1.0]" in msg
 
 

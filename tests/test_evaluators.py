@@ -16,7 +16,7 @@ from mergesearch.config import parse_config
 from mergesearch.errors import EvaluatorError
 from mergesearch.evaluators import build_evaluators
 from mergesearch.evaluators.cost import kept_fraction
-from mergesearch.merging import TaskVectors, load_live_model
+from mergesearch.merging import MergeEngine, load_live_model
 from mergesearch.recipe import Recipe
 from mergesearch.search import CandidateWorker
 
@@ -139,7 +139,7 @@ def test_perplexity_equals_exp_of_the_mean_token_nll(demo_experts, tmp_path):
 
 def test_kept_fraction_counts_the_entries_ties_keeps(families):
     f = families["llama"]
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     recipe = Recipe(method="ties", base_model=f["base"], models=[
         {"model": f["s0"], "parameters": {"weight": 1.0, "density": 0.5}},
         {"model": f["s1"], "parameters": {"weight": 1.0, "density": 0.25}}])

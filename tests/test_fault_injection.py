@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mergesearch.cli import app
 from mergesearch.config import parse_config
+from mergesearch.merging.mergekit import from_mergekit
 from mergesearch.recipe import Recipe
 from mergesearch.search import CandidateWorker, Runner, RunRef
 from mergesearch.search.export import export_trial
@@ -282,7 +283,7 @@ def test_worker_scores_the_next_candidate_as_before_after_running_out_of_memory(
     f = families["llama"]
     worker = CandidateWorker(config.snapshot(), f["base"], {"s0": f["s0"], "s1": f["s1"]}, device="cpu")
     good = Recipe.from_dict(recipe_of(families, 0.3)).model_dump_json()
-    oom = Recipe.from_mergekit(ties_recipe(f)).model_dump_json()
+    oom = from_mergekit(ties_recipe(f)).model_dump_json()
     first = worker.evaluate(good)
     failed = worker.evaluate(oom)
     again = worker.evaluate(good)

@@ -13,11 +13,12 @@ from test_search import write_config
 from transformers import AutoModelForCausalLM
 
 from mergesearch.config import load_config
-from mergesearch.merging import MergeInputs, TaskVectors, get_method
-from mergesearch.merging.fisher import cached_fisher, diagonal_fisher, load_fisher
+from mergesearch.merging import MergeEngine, MergeInputs, get_method
+from mergesearch.merging.fisher_info import cached_fisher, diagonal_fisher, load_fisher
+from mergesearch.merging.mergekit import to_mergekit_yaml
 from mergesearch.recipe import Recipe, RecipeError
 from mergesearch.search import Runner
-from mergesearch.search.fisher import calibration_texts
+from mergesearch.search.calibration import calibration_texts
 
 fisher_merge = get_method("fisher").fn
 
@@ -118,7 +119,7 @@ def test_fisher_is_cached_by_model_and_examples(families, tmp_path):
 
 def test_engine_merges_every_tensor_with_the_attached_fisher(families):
     f = families["llama"]
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     g = torch.Generator().manual_seed(0)
     fisher = {m: {n: torch.rand(tv.stacks[n].shape[1:], generator=g) for n in tv.names}
               for m in [f["s0"], f["s1"]]}
@@ -134,7 +135,7 @@ def test_engine_merges_every_tensor_with_the_attached_fisher(families):
 
 def test_fisher_recipe_without_fisher_is_refused_naming_the_method(families):
     f = families["llama"]
-    tv = TaskVectors(f["base"], [f["s0"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"]], device="cpu")
     recipe = Recipe(method="fisher", models=[{"model": f["s0"], "parameters": {"weight": 1.0}}])
     with pytest.raises(RecipeError, match="method: fisher needs each model's Fisher"):
         next(tv.merged_tensors(recipe))
@@ -144,7 +145,7 @@ def test_mergekit_export_of_a_fisher_recipe_is_refused():
     recipe = Recipe(method="fisher", models=[{"model": "a", "parameters": {"weight": 1.0}},
                                              {"model": "b", "parameters": {"weight": 1.0}}])
     with pytest.raises(RecipeError, match="mergekit"):
-        recipe.to_mergekit_yaml()
+        to_mergekit_yaml(recipe)
 
 
 def test_calibration_uses_test_documents_the_objectives_do_not_score(tmp_path, demo_experts):
@@ -190,7 +191,7 @@ def test_fisher_beside_bf16_weights_is_kept_in_bf16_and_merges_with_those_values
     for key in ("base", "s0", "s1"):
         paths[key] = str(tmp_path / key)
         AutoModelForCausalLM.from_pretrained(families["llama"][key], dtype=torch.bfloat16).save_pretrained(paths[key])
-    tv = TaskVectors(paths["base"], [paths["s0"], paths["s1"]], device="cpu")
+    tv = MergeEngine(paths["base"], [paths["s0"], paths["s1"]], device="cpu")
     g = torch.Generator().manual_seed(1)
     fisher = {paths[k]: {n: torch.rand(tv.stacks[n].shape[1:], generator=g) * 1e-9 for n in tv.names}
               for k in ("s0", "s1")}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergesearch.evaluators.cost import kept_fraction
-from mergesearch.merging import TaskVectors, load_live_model
+from mergesearch.merging import MergeEngine, load_live_model
 from mergesearch.merging.registry import all_methods, get_method
 from mergesearch.merging.validate import validate_recipe
 from mergesearch.recipe import Recipe
@@ -43,7 +43,7 @@ def recipe_at(name: str, base: str, sources: list[str]) -> Recipe:
 @pytest.fixture(scope="module")
 def merged_setup(families):
     f = families["llama"]
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     model = load_live_model(f["base"], torch.device("cpu"))
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     return f, tv, model, base

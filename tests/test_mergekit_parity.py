@@ -11,7 +11,8 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from mergesearch.merging import TaskVectors
+from mergesearch.merging import MergeEngine
+from mergesearch.merging.mergekit import from_mergekit, to_mergekit, to_mergekit_yaml
 from mergesearch.recipe import Recipe
 
 ARCHS = ["llama", "gpt2"]
@@ -105,7 +106,7 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
 @pytest.fixture(scope="module", params=ARCHS)
 def family(request, families):
     f = families[request.param]
-    return f, TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+    return f, MergeEngine(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -113,7 +114,7 @@ def test_method_matches_mergekit(case, family, tmp_path):
     f, tv = family
     method, spec = cases(f, tv.num_layers)[case]
     config = {"merge_method": method, "dtype": "float32", **spec}
-    ours = dict(tv.merged_tensors(Recipe.from_mergekit(config)))
+    ours = dict(tv.merged_tensors(from_mergekit(config)))
     assert_same_tensors(ours, mergekit_tensors(config, tmp_path / "mk"))
 
 
@@ -126,7 +127,7 @@ def family16(tmp_path_factory):
     f = build_family(tmp_path_factory.mktemp("bf16"), "llama")
     for path in f.values():
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
-    return f, TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+    return f, MergeEngine(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
 
 
 def share_off_by_more_than_2_ulp(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
@@ -150,7 +151,7 @@ def test_16_bit_merge_computes_as_mergekit_does(case, dtype, family16, tmp_path)
     f, tv = family16
     method, spec = cases(f, tv.num_layers)[case]
     config = {"merge_method": method, "dtype": dtype, **spec}
-    ours = dict(tv.merged_tensors(Recipe.from_mergekit(config)))
+    ours = dict(tv.merged_tensors(from_mergekit(config)))
     assert share_off_by_more_than_2_ulp(ours, mergekit_tensors(config, tmp_path / "mk")) < 0.002
 
 
@@ -159,7 +160,7 @@ def test_mergekit_config_without_dtype_computes_in_the_stored_dtype(case, family
     f, tv = family16
     method, spec = cases(f, tv.num_layers)[case]
     config = {"merge_method": method, **spec}
-    recipe = Recipe.from_mergekit(config)
+    recipe = from_mergekit(config)
     assert recipe.compute_dtype == "auto"
     theirs = mergekit_tensors(config, tmp_path / "mk")
     assert {t.dtype for t in theirs.values()} == {torch.bfloat16}
@@ -170,7 +171,7 @@ def test_out_dtype_is_the_output_and_dtype_the_arithmetic(family16, tmp_path):
     f, tv = family16
     method, spec = cases(f, tv.num_layers)["ties"]
     config = {"merge_method": method, "dtype": "bfloat16", "out_dtype": "float32", **spec}
-    recipe = Recipe.from_mergekit(config)
+    recipe = from_mergekit(config)
     assert (recipe.compute_dtype, recipe.dtype) == ("bfloat16", "float32")
     theirs = mergekit_tensors(config, tmp_path / "mk")
     assert {t.dtype for t in theirs.values()} == {torch.float32}
@@ -179,11 +180,11 @@ def test_out_dtype_is_the_output_and_dtype_the_arithmetic(family16, tmp_path):
 
 def test_our_recipes_export_float32_arithmetic_and_the_model_dtype():
     recipe = Recipe(method="ties", base_model="b", models=[{"model": "m"}], dtype="bfloat16")
-    assert {k: v for k, v in recipe.to_mergekit().items() if "dtype" in k} == {
+    assert {k: v for k, v in to_mergekit(recipe).items() if "dtype" in k} == {
         "dtype": "float32", "out_dtype": "bfloat16"}
     plain = Recipe(method="ties", base_model="b", models=[{"model": "m"}])
-    assert plain.to_mergekit(out_dtype="float16")["out_dtype"] == "float16"
-    assert Recipe.from_mergekit(recipe.to_mergekit_yaml()) == recipe
+    assert to_mergekit(plain, out_dtype="float16")["out_dtype"] == "float16"
+    assert from_mergekit(to_mergekit_yaml(recipe)) == recipe
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties"])
@@ -209,8 +210,8 @@ def test_mergekit_yaml_written_beside_a_16_bit_merge_rebuilds_it(method, family1
 def test_exported_mergekit_yaml_gives_our_tensors(case, family, tmp_path):
     f, tv = family
     method, spec = cases(f, tv.num_layers)[case]
-    recipe = Recipe.from_mergekit({"merge_method": method, **spec})
-    config = yaml.safe_load(recipe.to_mergekit_yaml())
+    recipe = from_mergekit({"merge_method": method, **spec})
+    config = yaml.safe_load(to_mergekit_yaml(recipe))
     theirs = mergekit_tensors({**config, "dtype": "float32"}, tmp_path / "mk")
     assert_same_tensors(dict(tv.merged_tensors(recipe)), theirs)
 
@@ -219,15 +220,15 @@ def test_exported_slices_recipe_gives_our_tensors(families, tmp_path):
     # a slices config becomes per-layer lists; exported as models:, mergekit agrees
     f = families["llama"]
     src = lambda m, a, b, p=None: {"model": f[m], "layer_range": [a, b], **({"parameters": p} if p else {})}  # noqa: E731
-    recipe = Recipe.from_mergekit({"merge_method": "ties", "base_model": f["base"], "slices": [
+    recipe = from_mergekit({"merge_method": "ties", "base_model": f["base"], "slices": [
         {"sources": [src("s0", 0, 3, {"weight": [0.2, 0.8]}), src("s1", 0, 3, {"weight": 0.5}), src("base", 0, 3)],
          "parameters": {"density": 0.6}},
         {"sources": [src("s0", 3, 4, {"weight": 0.1}), src("s1", 3, 4, {"weight": 0.9}), src("base", 3, 4)],
          "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}}]})
-    config = yaml.safe_load(recipe.to_mergekit_yaml())
+    config = yaml.safe_load(to_mergekit_yaml(recipe))
     assert "slices" not in config
     theirs = mergekit_tensors({**config, "dtype": "float32"}, tmp_path / "mk")
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     assert_same_tensors(dict(tv.merged_tensors(recipe)), theirs)
 
 
@@ -242,7 +243,7 @@ def test_random_methods_export_the_same_method_and_parameters(method, families):
                         {"model": f["s1"], "parameters": {"weight": [0.2, 0.8],
                                                           "density": [{"filter": "mlp", "value": 0.5},
                                                                       {"value": 0.4}]}}])
-    parsed = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_mergekit_yaml()))
+    parsed = MergeConfiguration.model_validate(yaml.safe_load(to_mergekit_yaml(recipe)))
     assert parsed.merge_method == method
     assert parsed.base_model.model.path == f["base"]
     assert (parsed.dtype, parsed.out_dtype) == ("float32", "bfloat16")  # our arithmetic, the model's dtype
@@ -253,4 +254,4 @@ def test_random_methods_export_the_same_method_and_parameters(method, families):
     density = parsed.models[1].parameters["density"]
     assert [(c.filter, c.value) for c in density] == [("mlp", 0.5), (None, 0.4)]
     # and it reads back as the same recipe (the seed is ours alone)
-    assert Recipe.from_mergekit(recipe.to_mergekit_yaml()) == recipe.model_copy(update={"seed": 0})
+    assert from_mergekit(to_mergekit_yaml(recipe)) == recipe.model_copy(update={"seed": 0})

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mergesearch.merging import TaskVectors, load_live_model, sparsify
+from mergesearch.merging import MergeEngine, load_live_model, sparsify
 from mergesearch.merging.registry import MergeInputs, get_method
 from mergesearch.recipe import Recipe
 
@@ -336,9 +336,9 @@ def test_a_worker_keeping_ranks_merges_what_one_recomputing_them_does(method, fa
     recipe = Recipe(method=method, base_model=f["base"], seed=2, models=[
         {"model": f["s0"], "parameters": {"weight": 0.7, **knobs}},
         {"model": f["s1"], "parameters": {"weight": 0.4, **knobs, "density": 0.7}}])
-    fresh = dict(TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
+    fresh = dict(MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
                  .merged_tensors(recipe))
-    keeping = TaskVectors(f["base"], [f["s1"], f["s0"]], device="cpu", cache=True)
+    keeping = MergeEngine(f["base"], [f["s1"], f["s0"]], device="cpu", cache=True)
     swapped = recipe.model_copy(update={"models": recipe.models[::-1]})
     dict(keeping.merged_tensors(swapped))  # ranks computed for the other order first
     kept = dict(keeping.merged_tensors(recipe))
@@ -353,15 +353,15 @@ def test_what_a_worker_keeps_stays_within_its_budget_and_changes_no_tensor(famil
         {"model": f["s1"], "parameters": {"weight": 0.6, "density": 0.5}}])
     ties = recipe.model_copy(update={"method": "ties"})
     nbytes = lambda cache: sum(t.numel() * t.element_size() for t in cache.values())  # noqa: E731
-    fresh = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
-    everything = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    fresh = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu", cache=False)
+    everything = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     for r in (recipe, ties):
         dict(everything.merged_tensors(r))
     uniforms, ranks = nbytes(everything.random_cache), nbytes(everything.derived_cache)
     assert uniforms == ranks > 0  # 4 bytes an entry and source, each
     assert everything.random_cache.used == uniforms + ranks  # one budget for both
     budget = uniforms + ranks // 2  # room for every uniform and half the ranks
-    tight = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu", cache_bytes=budget)
+    tight = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu", cache_bytes=budget)
     for r in (recipe, ties, recipe, ties):
         kept = dict(tight.merged_tensors(r))
         assert all(torch.equal(kept[k], v) for k, v in fresh.merged_tensors(r))
@@ -388,12 +388,12 @@ def test_weighted_sums_from_resident_weights_equal_the_methods_own_arithmetic(
                         {"model": f["s0"], "parameters": {"weight": [0.2, 0.9]}},
                         {"model": f["s1"], "parameters": {"weight": 0.5}},
                         *([{"model": f["base"], "parameters": {"weight": 0.3}}] if method == "linear" else [])])
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu")
     monkeypatch.setattr("mergesearch.merging.engine.COMBINE_BLOCK", 1000)  # many blocks a tensor
     summed = dict(tv.merged_tensors(recipe))
     live = load_live_model(f["base"], tv.device, dtype="float32")
     tv.merge_into(live, recipe)  # written block by block straight into the parameters
-    monkeypatch.setitem(METHODS, method, replace(METHODS[method], combination=None))
+    monkeypatch.setitem(METHODS._entries, method, replace(METHODS.get(method), combination=None))
     reference = dict(tv.merged_tensors(recipe))
     assert summed.keys() == reference.keys()
     for name, tensor in reference.items():
@@ -436,10 +436,10 @@ def test_dare_ties_is_bit_identical_across_runs_tensor_order_and_load_order(fami
     recipe = Recipe(method="dare_ties", base_model=f["base"], seed=11, models=[
         {"model": f["s0"], "parameters": {"weight": 0.5, "density": 0.4}},
         {"model": f["s2"], "parameters": {"weight": 0.5, "density": 0.7}}])
-    tv = TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
     a = dict(tv.merged_tensors(recipe))
     assert all(torch.equal(a[k], v) for k, v in tv.merged_tensors(recipe))  # merged twice
-    other = TaskVectors(f["base"], [f["s2"], f["s0"]], device="cpu", cache=False)
+    other = MergeEngine(f["base"], [f["s2"], f["s0"]], device="cpu", cache=False)
     other.names.reverse()  # tensors processed in the opposite order
     b = dict(other.merged_tensors(recipe))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -449,7 +449,7 @@ def test_dare_ties_differs_with_the_seed(families):
     f = families["llama"]
     recipe = Recipe(method="dare_ties", base_model=f["base"], seed=11, models=[
         {"model": f["s0"], "parameters": {"weight": 0.5, "density": 0.4}}])
-    tv = TaskVectors(f["base"], [f["s0"]], device="cpu")
+    tv = MergeEngine(f["base"], [f["s0"]], device="cpu")
     name = "model.layers.0.mlp.up_proj.weight"
     a = dict(tv.merged_tensors(recipe))[name]
     b = dict(tv.merged_tensors(recipe.model_copy(update={"seed": 12})))[name]

@@ -25,10 +25,12 @@ from typer.testing import CliRunner
 
 from mergesearch.cli import app
 from mergesearch.config import Space
-from mergesearch.merging import MergeInputs, TaskVectors, get_method, validate_recipe
+from mergesearch.merging import MergeEngine, MergeInputs, get_method, validate_recipe
+from mergesearch.merging.architecture import layer_t
 from mergesearch.merging.lines import lines_scale
+from mergesearch.merging.mergekit import to_mergekit_yaml
 from mergesearch.merging.methods.layer_swap import outer_share
-from mergesearch.recipe import Recipe, RecipeError, layer_t
+from mergesearch.recipe import Recipe, RecipeError
 from mergesearch.spaces import SearchSpace
 
 NEW_METHODS = ["pcb", "consensus_ta", "consensus_ties", "layer_swap"]
@@ -38,14 +40,14 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @pytest.fixture(scope="module")
 def llama(families):
     f = families["llama"]  # 4 layers, untied embeddings
-    return f, TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+    return f, MergeEngine(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
 
 
-def merged(tv: TaskVectors, recipe: Recipe) -> dict[str, torch.Tensor]:
+def merged(tv: MergeEngine, recipe: Recipe) -> dict[str, torch.Tensor]:
     return dict(tv.merged_tensors(recipe))
 
 
-def source(tv: TaskVectors, name: str, model: str) -> torch.Tensor:
+def source(tv: MergeEngine, name: str, model: str) -> torch.Tensor:
     return tv.stacks[name][tv.row(model)].float()
 
 
@@ -293,13 +295,13 @@ def test_mergekit_export_refuses_a_method_mergekit_lacks(method):
     recipe = Recipe(method=method, base_model=None if method == "layer_swap" else "b",
                     models=[{"model": "x"}, {"model": "y"}])
     with pytest.raises(RecipeError, match=f"method: mergekit 0.1.5 has no '{method}' merge method"):
-        recipe.to_mergekit_yaml()
+        to_mergekit_yaml(recipe)
 
 
 def test_mergekit_export_writes_lines_as_a_lambda_gradient():
     # lambda 0.8 * [alpha, alpha + beta] = [0.4, 0.6]; mergekit reads it at l / (L - 1)
     recipe = ta_recipe({"base": "b", "s0": "x", "s1": "y"}, "ties", lines={"alpha": 0.5, "beta": 0.25})
-    params = yaml.safe_load(recipe.to_mergekit_yaml())["parameters"]
+    params = yaml.safe_load(to_mergekit_yaml(recipe))["parameters"]
     assert params["lambda"] == pytest.approx([0.4, 0.6])
 
 
@@ -308,7 +310,7 @@ def test_mergekit_runs_the_exported_lines_recipe_to_our_tensors(llama, tmp_path)
 
     f, tv = llama
     recipe = ta_recipe(f, "ties", lines={"alpha": 0.5, "beta": 0.25})
-    config = yaml.safe_load(recipe.to_mergekit_yaml())
+    config = yaml.safe_load(to_mergekit_yaml(recipe))
     theirs = mergekit_tensors({**config, "dtype": "float32"}, tmp_path / "mk")
     assert_same_tensors(merged(tv, recipe), theirs)
 
@@ -320,7 +322,7 @@ def test_mergekit_export_refuses_lines_it_cannot_express(change):
     recipe = ta_recipe({"base": "b", "s0": "x", "s1": "y"}, lines={"alpha": 0.5, "beta": 0.25})
     recipe = changed(recipe, **change)
     with pytest.raises(RecipeError, match="lines: mergekit cannot express LiNeS"):
-        recipe.to_mergekit_yaml()
+        to_mergekit_yaml(recipe)
 
 
 def test_merge_cli_merges_a_pcb_recipe_and_writes_no_mergekit_yaml(llama, tmp_path):
@@ -350,7 +352,7 @@ def test_new_methods_are_bit_identical_across_engines_and_source_load_order(meth
                     parameters={"n_bottom": 1, "n_top": 1, "transition": 1}
                     if method == "layer_swap" else {"weight": 0.9},
                     lines=None if method == "layer_swap" else {"alpha": 0.7, "beta": 0.2})
-    again = TaskVectors(f["base"], [f["s1"], f["s0"]], device="cpu")
+    again = MergeEngine(f["base"], [f["s1"], f["s0"]], device="cpu")
     first, second = merged(tv, recipe), merged(again, recipe)
     assert all(torch.equal(first[n], second[n]) for n in first)
 
@@ -361,7 +363,7 @@ def test_new_methods_are_bit_identical_across_engines_and_source_load_order(meth
 def test_new_methods_are_searched_in_one_study_and_their_trials_merge(families):
     for arch in ("llama", "gpt2"):
         f = families[arch]
-        tv = TaskVectors(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
+        tv = MergeEngine(f["base"], [f["s0"], f["s1"], f["s2"]], device="cpu")
         space = Space(methods=["ties", *NEW_METHODS], layer_groups=2, lines=True)
         ss = SearchSpace(space, f["base"], {"a": f["s0"], "b": f["s1"], "c": f["s2"]}, tv.num_layers, seed=5)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -9,8 +9,10 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from mergesearch.merging import TaskVectors
-from mergesearch.recipe import Recipe, RecipeError, evaluate, layer_t
+from mergesearch.merging import MergeEngine
+from mergesearch.merging.architecture import layer_t
+from mergesearch.merging.mergekit import from_mergekit, load_recipe, to_mergekit_yaml
+from mergesearch.recipe import Recipe, RecipeError, evaluate_setting
 
 FIXED = Recipe(method="ties", base_model="b", seed=3, parameters={"lambda": 0.9},
                models=[{"model": "x", "parameters": {"weight": 0.5, "density": [0.2, 0.8]}}])
@@ -45,23 +47,23 @@ def test_hash_sees_any_change(change):
 
 def test_json_round_trip(tmp_path):
     FIXED.save(tmp_path / "r.json")
-    assert Recipe.load(tmp_path / "r.json") == FIXED
-    assert Recipe.load(tmp_path / "r.json").hash() == FIXED.hash()
+    assert load_recipe(tmp_path / "r.json") == FIXED
+    assert load_recipe(tmp_path / "r.json").hash() == FIXED.hash()
 
 
 def test_json_round_trip_keeps_filters_and_gradients(tmp_path):
     r = Recipe(method="slerp", base_model="b", models=[{"model": "b"}, {"model": "x"}],
                parameters={"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.3}]})
     r.save(tmp_path / "r.json")
-    assert Recipe.load(tmp_path / "r.json") == r
+    assert load_recipe(tmp_path / "r.json") == r
 
 
 # ---- parameter values -----------------------------------------------------------------
 
 
 def test_gradient_interpolates_like_mergekit():
-    assert evaluate([0.0, 1.0, 0.0], "x", 0.25) == pytest.approx(0.5)
-    assert evaluate([0.2, 0.4, 0.6, 0.8], "x", 1 / 3) == pytest.approx(0.4)  # one value per layer
+    assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.25) == pytest.approx(0.5)
+    assert evaluate_setting([0.2, 0.4, 0.6, 0.8], "x", 1 / 3) == pytest.approx(0.4)  # one value per layer
 
 
 def test_layers_sit_at_i_over_l_minus_one_and_other_tensors_at_zero():
@@ -72,15 +74,15 @@ def test_layers_sit_at_i_over_l_minus_one_and_other_tensors_at_zero():
 def test_filters_pick_the_first_matching_condition():
     value = Recipe.model_validate({"method": "linear", "models": [{"model": "x", "parameters": {
         "weight": [{"filter": "mlp", "value": 1.0}, {"value": 2.0}]}}]}).models[0].parameters["weight"]
-    assert evaluate(value, "model.layers.0.mlp.up_proj.weight", 0) == 1.0
-    assert evaluate(value, "model.layers.0.self_attn.q_proj.weight", 0) == 2.0
+    assert evaluate_setting(value, "model.layers.0.mlp.up_proj.weight", 0) == 1.0
+    assert evaluate_setting(value, "model.layers.0.self_attn.q_proj.weight", 0) == 2.0
 
 
 # ---- mergekit YAML: models: -----------------------------------------------------------
 
 
 def test_mergekit_models_form_with_parameters_at_every_level():
-    r = Recipe.from_mergekit("""
+    r = from_mergekit("""
 merge_method: dare_ties
 base_model: base
 parameters: {density: 0.5, int8_mask: true}
@@ -99,19 +101,19 @@ dtype: bfloat16
 
 def test_mergekit_scientific_notation_is_a_number():
     # YAML 1.1 reads 1e-8 as a string; mergekit takes the number
-    r = Recipe.from_mergekit("merge_method: multislerp\nparameters: {eps: 1e-8}\n"
+    r = from_mergekit("merge_method: multislerp\nparameters: {eps: 1e-8}\n"
                              "models: [{model: a, parameters: {weight: [1e-1, 2E+0]}}, {model: b}]\n")
     assert r.parameters["eps"] == 1e-8 and r.models[0].parameters["weight"] == [0.1, 2.0]
 
 
 def test_mergekit_export_and_import_round_trip():
     typed = FIXED.model_copy(update={"dtype": "bfloat16"})
-    assert Recipe.from_mergekit(typed.to_mergekit_yaml()) == typed.model_copy(update={"seed": 0})
+    assert from_mergekit(to_mergekit_yaml(typed)) == typed.model_copy(update={"seed": 0})
 
 
 def test_mergekit_export_without_a_model_dtype_writes_float32():
     # our arithmetic is float32; told nothing else, mergekit writes what it computed in
-    back = Recipe.from_mergekit(FIXED.to_mergekit_yaml())
+    back = from_mergekit(to_mergekit_yaml(FIXED))
     assert back == FIXED.model_copy(update={"seed": 0, "dtype": "float32"})
 
 
@@ -123,10 +125,10 @@ def src(model: str, a: int, b: int, **params) -> dict:
 
 
 def test_single_slice_is_the_models_form():
-    r = Recipe.from_mergekit({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5},
+    r = from_mergekit({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5},
                               "slices": [{"sources": [src("x", 0, 4, weight=[0.1, 0.9]), src("b", 0, 4)],
                                           "parameters": {"density": 0.3}}]})
-    models_form = Recipe.from_mergekit({
+    models_form = from_mergekit({
         "merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5, "density": 0.3},
         "models": [{"model": "x", "parameters": {"weight": [0.1, 0.9]}}, {"model": "b"}]})
     # the same recipe, plus the range the model's layer count is checked against
@@ -136,25 +138,25 @@ def test_single_slice_is_the_models_form():
 
 def test_single_slice_filters_fall_back_to_top_level_parameters():
     # mergekit reads the slice's parameters first, then the top-level ones
-    r = Recipe.from_mergekit({"merge_method": "ties", "base_model": "b",
+    r = from_mergekit({"merge_method": "ties", "base_model": "b",
                               "parameters": {"density": 0.3},
                               "slices": [{"sources": [src("x", 0, 4, weight=1.0), src("b", 0, 4)],
                                           "parameters": {"density": {"filter": "mlp", "value": 0.8}}}]})
-    assert evaluate(r.parameters["density"], "model.layers.1.mlp.up_proj.weight", 0.5) == 0.8
-    assert evaluate(r.parameters["density"], "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.3
+    assert evaluate_setting(r.parameters["density"], "model.layers.1.mlp.up_proj.weight", 0.5) == 0.8
+    assert evaluate_setting(r.parameters["density"], "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.3
 
 
 def test_several_slices_become_one_value_per_layer():
-    r = Recipe.from_mergekit({"merge_method": "task_arithmetic", "base_model": "b", "slices": [
+    r = from_mergekit({"merge_method": "task_arithmetic", "base_model": "b", "slices": [
         {"sources": [src("x", 0, 3, weight=[0.0, 1.0]), src("b", 0, 3)]},
         {"sources": [src("x", 3, 4, weight=[0.0, 1.0]), src("b", 3, 4)]}]})
     # slice 1 at t = 0, 0.5, 1; slice 2 has one layer, at t = 1 (as mergekit plans it);
     # the embeddings come from slice 1 at t = 0, the final norm and head from slice 2 at t = 0
     weight = r.models[0].parameters["weight"]
-    layers = [evaluate(weight, f"model.layers.{i}.mlp.up_proj.weight", layer_t(i, 4)) for i in range(4)]
+    layers = [evaluate_setting(weight, f"model.layers.{i}.mlp.up_proj.weight", layer_t(i, 4)) for i in range(4)]
     assert layers == [0.0, 0.5, 1.0, 1.0]
-    assert evaluate(weight, "model.embed_tokens.weight", 0.0) == 0.0
-    assert evaluate(weight, "lm_head.weight", 0.0) == 0.0
+    assert evaluate_setting(weight, "model.embed_tokens.weight", 0.0) == 0.0
+    assert evaluate_setting(weight, "lm_head.weight", 0.0) == 0.0
 
 
 LLAMA_SLICES = {
@@ -195,11 +197,11 @@ def test_mergekit_slices_form_matches_mergekit_tensors(case, families, tmp_path)
               "slices": [{"parameters": sp, "sources": [src(f[m], a, b, **p) for m, p in per.items()]
                           + [src(f["base"], a, b)]}
                          for (sp, per), (a, b) in zip(slices, ranges)]}
-    recipe = Recipe.from_mergekit(config)
+    recipe = from_mergekit(config)
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"),
               MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
     theirs = load_file(tmp_path / "mk" / "model.safetensors")
-    ours = dict(TaskVectors(f["base"], [f["s0"], f["s1"]], device="cpu").merged_tensors(recipe))
+    ours = dict(MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu").merged_tensors(recipe))
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
@@ -207,32 +209,32 @@ def test_mergekit_slices_form_matches_mergekit_tensors(case, families, tmp_path)
 
 def test_depth_changing_frankenmerge_is_refused():
     with pytest.raises(RecipeError, match=r"slices\[1\]\.layer_range \[1, 4\].*depth-changing frankenmerge"):
-        Recipe.from_mergekit({"merge_method": "passthrough", "slices": [
+        from_mergekit({"merge_method": "passthrough", "slices": [
             {"sources": [src("a", 0, 2)]}, {"sources": [src("a", 1, 4)]}]})
 
 
 def test_slices_out_of_order_are_refused():
     with pytest.raises(RecipeError, match="depth-changing frankenmerge"):
-        Recipe.from_mergekit({"merge_method": "passthrough", "slices": [
+        from_mergekit({"merge_method": "passthrough", "slices": [
             {"sources": [src("a", 2, 4)]}, {"sources": [src("a", 0, 2)]}]})
 
 
 def test_slices_taking_layers_from_other_positions_are_refused():
     with pytest.raises(RecipeError, match=r"slices\[0\] takes different layer ranges"):
-        Recipe.from_mergekit({"merge_method": "linear", "slices": [{"sources": [
+        from_mergekit({"merge_method": "linear", "slices": [{"sources": [
             src("a", 0, 2), src("b", 2, 4)]}]})
 
 
 def test_slices_with_different_models_are_refused():
     with pytest.raises(RecipeError, match=r"slices\[1\] uses different models"):
-        Recipe.from_mergekit({"merge_method": "linear", "slices": [
+        from_mergekit({"merge_method": "linear", "slices": [
             {"sources": [src("a", 0, 2, weight=1.0), src("b", 0, 2, weight=1.0)]},
             {"sources": [src("a", 2, 4, weight=1.0), src("c", 2, 4, weight=1.0)]}]})
 
 
 def test_a_required_parameter_missing_in_one_slice_is_refused():
     with pytest.raises(RecipeError, match="'weight' is missing in some slices"):
-        Recipe.from_mergekit({"merge_method": "linear", "slices": [
+        from_mergekit({"merge_method": "linear", "slices": [
             {"sources": [src("a", 0, 2, weight=1.0), src("b", 0, 2, weight=1.0)]},
             {"sources": [src("a", 2, 4), src("b", 2, 4, weight=1.0)]}]})
 
@@ -244,34 +246,34 @@ def test_load_refuses_a_file_that_is_not_a_mapping(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match="r.yaml: expected a mapping"):
-        Recipe.load(f)
+        load_recipe(f)
 
 
 def test_load_refuses_invalid_yaml_in_one_line_naming_the_file(tmp_path):
     f = tmp_path / "broken.yaml"
     f.write_text("merge_method: ties\nmodels: [a, b\n")
     with pytest.raises(RecipeError) as e:
-        Recipe.load(f)
-    assert str(e.value).startswith(f"{f}: not valid YAML/JSON") and "line 3" in str(e.value)
+        load_recipe(f)
+    assert str(e.value).startswith(f"{f}: YAML syntax error at line 3")
     assert "\n" not in str(e.value)
 
 
 def test_load_refuses_a_missing_file_naming_it(tmp_path):
     with pytest.raises(RecipeError, match="nope.json: cannot read recipe"):
-        Recipe.load(tmp_path / "nope.json")
+        load_recipe(tmp_path / "nope.json")
 
 
 def test_load_refuses_an_unknown_field_naming_it(tmp_path):
     f = tmp_path / "r.json"
     f.write_text('{"method": "ties", "models": [{"model": "x", "wieght": 1}]}')
     with pytest.raises(RecipeError, match=r"r.json: models.0.wieght"):
-        Recipe.load(f)
+        load_recipe(f)
 
 
 def test_mergekit_unknown_key_and_modules_are_refused():
     with pytest.raises(RecipeError, match="unknown key 'modelz'"):
-        Recipe.from_mergekit({"merge_method": "linear", "modelz": []})
+        from_mergekit({"merge_method": "linear", "modelz": []})
     with pytest.raises(RecipeError, match="modules: configs are not supported"):
-        Recipe.from_mergekit({"merge_method": "linear", "modules": {}})
+        from_mergekit({"merge_method": "linear", "modules": {}})
     with pytest.raises(RecipeError, match="merge_method is missing"):
-        Recipe.from_mergekit({"models": [{"model": "a"}]})
+        from_mergekit({"models": [{"model": "a"}]})

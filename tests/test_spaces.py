@@ -9,7 +9,7 @@ import pytest
 
 from mergesearch.config import ConfigError, Space
 from mergesearch.merging import all_methods, validate_recipe
-from mergesearch.recipe import Recipe, evaluate
+from mergesearch.recipe import Recipe, evaluate_setting
 from mergesearch.spaces import SearchSpace
 
 BASE = "/m/base"
@@ -190,7 +190,7 @@ def test_smooth_mode_writes_anchors_the_engine_interpolates():
     a, b = trial.params["ties.density.rev.g0"], trial.params["ties.density.rev.g1"]
     density = param(recipe, "rev", "density")
     assert density == [a, b]
-    assert evaluate(density, "model.layers.2.mlp.up_proj.weight", 2 / 4) == pytest.approx((a + b) / 2)
+    assert evaluate_setting(density, "model.layers.2.mlp.up_proj.weight", 2 / 4) == pytest.approx((a + b) / 2)
 
 
 def test_a_global_knob_named_in_per_layer_varies_over_depth():
@@ -215,7 +215,7 @@ def test_split_attn_mlp_values_hit_the_right_tensors(attn, mlp, other):
     weight = param(recipe, "add", "weight")
     for names, part in ((attn, "attn"), (mlp, "mlp"), (other, "other")):
         for name in names:
-            assert evaluate(weight, name, 0.0) == trial.params[f"task_arithmetic.weight.add.{part}"], name
+            assert evaluate_setting(weight, name, 0.0) == trial.params[f"task_arithmetic.weight.add.{part}"], name
 
 
 def test_split_attn_mlp_with_layer_groups_gives_each_kind_its_own_per_layer_list():
@@ -224,10 +224,10 @@ def test_split_attn_mlp_with_layer_groups_gives_each_kind_its_own_per_layer_list
     density = param(recipe, "sort", "density")
     a0, a1 = p["ties.density.sort.attn.g0"], p["ties.density.sort.attn.g1"]
     m0, m1 = p["ties.density.sort.mlp.g0"], p["ties.density.sort.mlp.g1"]
-    assert evaluate(density, "model.layers.3.self_attn.v_proj.weight", 1.0) == a1
-    assert evaluate(density, "model.layers.1.mlp.gate_proj.weight", 1 / 3) == m0
-    assert [evaluate(density, "transformer.h.2.attn.c_attn.weight", t) for t in (0, 1 / 3, 2 / 3, 1)] == [a0, a0, a1, a1]
-    assert [evaluate(density, "transformer.h.2.mlp.c_fc.weight", t) for t in (0, 1 / 3, 2 / 3, 1)] == [m0, m0, m1, m1]
+    assert evaluate_setting(density, "model.layers.3.self_attn.v_proj.weight", 1.0) == a1
+    assert evaluate_setting(density, "model.layers.1.mlp.gate_proj.weight", 1 / 3) == m0
+    assert [evaluate_setting(density, "transformer.h.2.attn.c_attn.weight", t) for t in (0, 1 / 3, 2 / 3, 1)] == [a0, a0, a1, a1]
+    assert [evaluate_setting(density, "transformer.h.2.mlp.c_fc.weight", t) for t in (0, 1 / 3, 2 / 3, 1)] == [m0, m0, m1, m1]
 
 
 # ---- which models ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Evaluator contract.
 
 An evaluator scores one objective. It is set up once per worker with the live model (the
-one `TaskVectors.merge_into` writes into) and its tokenizer, then scores the model's
+one `MergeEngine.merge_into` writes into) and its tokenizer, then scores the model's
 *current* weights as many times as asked. `score` never raises: an exception, NaN or inf
 becomes a failed `Score` with its reason, so one bad candidate never takes a worker down.
 
@@ -27,7 +27,7 @@ from mergesearch.evaluators.quiet import quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergesearch.config import Config, Objective
-    from mergesearch.merging.engine import TaskVectors
+    from mergesearch.merging.engine import MergeEngine
     from mergesearch.recipe import Recipe
 
 
@@ -66,7 +66,7 @@ class Evaluator(ABC):
         self.config = config
 
     @abstractmethod
-    def setup(self, model: Any, tokenizer: Any, engine: TaskVectors | None = None) -> None:
+    def setup(self, model: Any, tokenizer: Any, engine: MergeEngine | None = None) -> None:
         """Once per worker: build task dicts, tokenise data, wrap the live model.
         Raise `EvaluatorError` for a wrong task, metric or dataset name."""
 

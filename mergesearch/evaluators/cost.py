@@ -14,10 +14,11 @@ import math
 from typing import Any
 
 from mergesearch.evaluators.base import Evaluator
+from mergesearch.merging.architecture import layer_t
 from mergesearch.merging.engine import resolve_params
 from mergesearch.merging.registry import get_method
 from mergesearch.merging.validate import method_inputs
-from mergesearch.recipe import Recipe, layer_t
+from mergesearch.recipe import Recipe
 
 
 def kept_fraction(recipe: Recipe | None, engine: Any) -> float:

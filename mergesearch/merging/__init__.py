@@ -1,14 +1,10 @@
-"""Merging: methods as pure tensor functions, checkpoints, the in-place engine, output."""
+"""Merging: methods as pure tensor functions, checkpoints, the in-place engine, output.
 
-from mergesearch.merging.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    check_compatible,
-    layer_index,
-)
-from mergesearch.merging.engine import TaskVectors, load_live_model, resolve_params
-from mergesearch.merging.output import save_model
-from mergesearch.merging.registry import (
+The registry is imported first and the built-in methods next, so that importing any part
+of `mergesearch.merging` registers every method.
+"""
+
+from mergesearch.merging.registry import (  # isort: skip
     MergeInputs,
     MergeMethod,
     Param,
@@ -16,10 +12,16 @@ from mergesearch.merging.registry import (
     get_method,
     merge_method,
 )
+from mergesearch.merging import methods  # noqa: F401  # isort: skip  (registers the built-ins)
+from mergesearch.errors import CheckpointError
+from mergesearch.merging.architecture import layer_index
+from mergesearch.merging.checkpoint import Checkpoint, check_compatible
+from mergesearch.merging.engine import MergeEngine, load_live_model, resolve_params
+from mergesearch.merging.output import save_model
 from mergesearch.merging.validate import validate_recipe
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "MergeInputs", "MergeMethod", "Param", "TaskVectors",
+    "Checkpoint", "CheckpointError", "MergeEngine", "MergeInputs", "MergeMethod", "Param",
     "all_methods", "check_compatible", "get_method", "layer_index", "load_live_model",
     "merge_method", "resolve_params", "save_model", "validate_recipe",
 ]

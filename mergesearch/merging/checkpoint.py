@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints: loading, layer indices, and compatibility checks.
+"""Hugging Face checkpoints: loading and compatibility checks.
 
 Loading never unpickles: safetensors (single or sharded with its index) first, and
 ``.bin`` files only through ``torch.load(weights_only=True)``. Hub ids are resolved with
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,22 +17,8 @@ import torch
 from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file
 
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be used; the message names the model, file or tensor."""
-
-
-# `model.layers.N.` (Llama, Mistral, Qwen2/3, Gemma, Phi-3), `transformer.h.N.` (GPT-2),
-# `gpt_neox.layers.N.`, `model.decoder.layers.N.`, and `blocks.N.` / `layer.N.` generically.
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The transformer block a tensor belongs to, or None for embeddings, final norm and
-    lm_head (which mergekit plans at t = 0)."""
-    m = _LAYER.search(tensor_name)
-    return int(m.group(1)) if m else None
+from mergesearch.errors import CheckpointError
+from mergesearch.merging.architecture import NUM_LAYER_KEYS
 
 
 def resolve(model: str) -> Path:
@@ -77,10 +62,10 @@ class Checkpoint:
     @property
     def num_layers(self) -> int:
         cfg = self.config.get("text_config", self.config)
-        for key in _NUM_LAYER_KEYS:
+        for key in NUM_LAYER_KEYS:
             if key in cfg:
                 return int(cfg[key])
-        raise CheckpointError(f"{self.path / 'config.json'}: no layer count ({'/'.join(_NUM_LAYER_KEYS)})")
+        raise CheckpointError(f"{self.path / 'config.json'}: no layer count ({'/'.join(NUM_LAYER_KEYS)})")
 
     @property
     def architecture(self) -> tuple[str, tuple[str, ...]]:

@@ -1,6 +1,6 @@
 """The in-place merge engine.
 
-`TaskVectors` loads a base and its fine-tuned sources once and keeps them resident on a
+`MergeEngine` loads a base and its fine-tuned sources once and keeps them resident on a
 device (CUDA when present), stacked per tensor in their stored dtype: row 0 is the base,
 row i the i-th source. Task vectors are formed per tensor in float32 when a candidate is
 built, so residency costs what the checkpoints cost and a candidate reads each input
@@ -27,19 +27,15 @@ from typing import Any
 import psutil
 import torch
 
-from mergesearch.merging.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    check_compatible,
-    check_custom_code,
-    layer_index,
-)
+from mergesearch.errors import CheckpointError, RecipeError
+from mergesearch.merging.architecture import layer_index, layer_t
+from mergesearch.merging.checkpoint import Checkpoint, check_compatible, check_custom_code
 from mergesearch.merging.lines import apply_lines, lines_scale
 from mergesearch.merging.registry import MergeInputs, MergeMethod
 from mergesearch.merging.validate import method_inputs, validate_recipe
-from mergesearch.recipe import Recipe, RecipeError, SourceModel, evaluate, layer_t
+from mergesearch.recipe import Recipe, SourceModel
 
-# Entries per block in `TaskVectors._combine` on CPU: a float32 block stays in cache (the
+# Entries per block in `MergeEngine._combine` on CPU: a float32 block stays in cache (the
 # fastest of 2**14, 2**16 and 2**18 on a 2-core Xeon, where it beats summing into a bfloat16
 # output with `torch.sum`).
 COMBINE_BLOCK = 1 << 18
@@ -79,7 +75,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TaskVectors:
+class MergeEngine:
     """Resident weights of a base model and its sources, ready to merge any recipe."""
 
     def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None,
@@ -119,7 +115,7 @@ class TaskVectors:
 
     def attach_fisher(self, per_model: dict[str, dict[str, torch.Tensor]]) -> None:
         """Give the Fisher-weighted methods each model's diagonal Fisher information
-        (model -> tensor name -> Fisher, as `mergesearch.merging.fisher` computes it).
+        (model -> tensor name -> Fisher, as `mergesearch.merging.fisher_info` computes it).
         Models without one get zeros: they count through the methods' floor alone."""
         rows = {self.row(m): f for m, f in per_model.items()}
         total = torch.zeros(len(self.models), dtype=torch.float64)
@@ -154,7 +150,7 @@ class TaskVectors:
         if "fisher" in method.needs and not self.fisher:
             raise RecipeError(f"method: {method.name} needs each model's Fisher information, computed "
                               "on calibration data; merge it through a study (mergesearch export "
-                              "--model) or attach it with TaskVectors.attach_fisher")
+                              "--model) or attach it with MergeEngine.attach_fisher")
         for m in [recipe.base_model, *recipe.source_names()]:
             if m is not None:
                 self.row(m)
@@ -330,19 +326,17 @@ def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel
     """Each knob's value for one tensor: per-model knobs from the model's own parameters,
     then the recipe's, then the registry default; filters and gradients resolved."""
 
-    def lookup(scopes, param):
-        for scope in scopes:
-            if param.name in scope:
-                v = evaluate(scope[param.name], tensor_name, t)
-                if v is not None:
-                    return v
+    def value(param, source=None):
+        v = recipe.setting(param.name, tensor_name, t, source)
+        if v is not None:
+            return v
         if param.required:
             raise RecipeError(f"{param.name}: no value for tensor {tensor_name}")
         return param.default
 
-    out: dict[str, Any] = {p.name: lookup([recipe.parameters], p) for p in method.global_params}
+    out: dict[str, Any] = {p.name: value(p) for p in method.global_params}
     for p in method.per_model_params:
-        out[p.name] = [lookup([s.parameters, recipe.parameters], p) for s in inputs]
+        out[p.name] = [value(p, s) for s in inputs]
     return out
 
 

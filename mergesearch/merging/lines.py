@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from mergesearch.merging.architecture import layer_t
 from mergesearch.merging.registry import Param
-from mergesearch.recipe import layer_t
 
 ALPHA = Param("alpha", default=1.0, valid=(0.0, 10.0), search=(0.2, 1.0))
 BETA = Param("beta", default=0.0, valid=(-10.0, 10.0), search=(0.0, 1.0))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from mergesearch.merging.mergekit import to_mergekit_yaml
 from mergesearch.merging.tokenizer import write_tokenizer
 from mergesearch.recipe import Recipe, RecipeError
 
@@ -47,7 +48,7 @@ def save_model(model: torch.nn.Module, out: str | Path, tokenizer_from: str | Pa
             recipe.save(tmp / "recipe.json")
             try:
                 dtype = str(model.dtype).removeprefix("torch.")
-                (tmp / "mergekit.yaml").write_text(recipe.to_mergekit_yaml(out_dtype=dtype))
+                (tmp / "mergekit.yaml").write_text(to_mergekit_yaml(recipe, out_dtype=dtype))
             except RecipeError:
                 pass  # a method mergekit lacks: recipe.json alone describes the merge
         _umask_modes(tmp)

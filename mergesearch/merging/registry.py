@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from mergesearch.registry import Registry
+
 REQUIRED = object()
 
 
@@ -193,7 +195,7 @@ class MergeMethod:
     needs: tuple[str, ...] = ()  # side inputs besides the weights, e.g. ("fisher",)
     # For a method whose result is a weighted sum of its inputs: the knobs -> (the base's
     # coefficient, each input's). The engine then sums the resident weights directly
-    # (`TaskVectors._combine`); ``fn`` stays the reference it is tested against.
+    # (`MergeEngine._combine`); ``fn`` stays the reference it is tested against.
     combination: Callable[..., tuple[float, list[float]]] | None = None
     sparsity: Sparsity = NO_SPARSITY  # how it sparsifies each task vector
 
@@ -209,7 +211,7 @@ class MergeMethod:
         return tuple(p for p in self.params if not p.per_model)
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def merge_method(
@@ -230,31 +232,21 @@ def merge_method(
     of the task vectors, its `Sparsity`)."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
         if sparsity.knob is not None and sparsity.knob not in {p.name for p in params}:
             raise ValueError(f"merge method {name!r}: its sparsity reads no knob {sparsity.knob!r}")
-        METHODS[name] = MergeMethod(
+        METHODS.register(name, MergeMethod(
             name, fn, tuple(params), base, min_sources, max_sources, random, reference,
             mergekit, (fn.__doc__ or "").strip(), tuple(needs), combination, sparsity,
-        )
+        ))
         return fn
 
     return register
 
 
 def get_method(name: str) -> MergeMethod:
-    from mergesearch.merging import methods  # noqa: F401  (registers the built-ins)
-
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
-        ) from None
+    """The method registered as ``name``; KeyError naming the known ones."""
+    return METHODS.get(name)
 
 
 def all_methods() -> dict[str, MergeMethod]:
-    from mergesearch.merging import methods  # noqa: F401
-
-    return dict(METHODS)
+    return {name: METHODS.get(name) for name in METHODS}

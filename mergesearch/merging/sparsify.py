@@ -227,10 +227,15 @@ def della_magprune(
     return rescaled(rows, mask, rescale, inplace=inplace).reshape(tensor.shape)
 
 
+def della_max_epsilon(density: float) -> float:
+    """DELLA's rule: keep probabilities density +/- epsilon must lie inside (0, 1), so a
+    density below 1 allows any epsilon below min(density, 1 - density) (exclusive)."""
+    return min(density, 1 - density)
+
+
 def della_in_range(density: float, epsilon: float) -> bool:
-    """DELLA's keep probabilities, density +/- epsilon, must lie inside (0, 1) wherever it
-    drops anything (density < 1)."""
-    return density >= 1 or (density - epsilon > 0 and density + epsilon < 1)
+    """Whether DELLA's knobs obey its rule (`della_max_epsilon`); density 1 keeps all."""
+    return density >= 1 or epsilon < della_max_epsilon(density)
 
 
 def della_kept(density: float, n: int) -> float:

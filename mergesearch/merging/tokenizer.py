@@ -14,8 +14,10 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from mergesearch.errors import RecipeError
 from mergesearch.merging.checkpoint import Checkpoint
-from mergesearch.recipe import UNION_REFUSAL, Recipe, RecipeError
+from mergesearch.merging.mergekit import UNION_REFUSAL
+from mergesearch.recipe import Recipe
 
 # The built-in template names mergekit 0.1.5 knows (its `_data/chat_templates`); ours are
 # written from each format's public description and live in `chat_templates/`.

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from mergesearch.errors import RecipeError
+from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod, get_method
 from mergesearch.merging.sparsify import della_in_range
-from mergesearch.recipe import Recipe, RecipeError, SourceModel, anchors, evaluate, scalars
-
-# The dtypes a merged model can be written in (mergekit's names, less int64).
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+from mergesearch.recipe import DTYPES, Recipe, SourceModel, anchors, scalars
 
 
 def method_inputs(method: MergeMethod, recipe: Recipe) -> tuple[str | None, list[SourceModel]]:
@@ -80,8 +79,6 @@ def _check_lines(method: MergeMethod, recipe: Recipe, base: str | None) -> None:
     """LiNeS scales a task vector: the method must have a base model in this recipe."""
     if recipe.lines is None:
         return
-    from mergesearch.merging.lines import LINES_PARAMS
-
     if not base:
         raise RecipeError(f"lines: LiNeS scales the merged task vector, and {method.name} "
                           f"has no base model here to take it from")
@@ -140,9 +137,5 @@ def _check_della(method: MergeMethod, recipe: Recipe, num_layers: int | None) ->
 
 
 def _resolve(s: SourceModel, recipe: Recipe, key: str, t: float, method: MergeMethod) -> Any:
-    for scope in (s.parameters, recipe.parameters):
-        if key in scope:
-            v = evaluate(scope[key], "", t)
-            if v is not None:
-                return v
-    return method.param(key).default
+    v = recipe.setting(key, "", t, s)
+    return v if v is not None else method.param(key).default

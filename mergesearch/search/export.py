@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
+from mergesearch.merging.mergekit import to_mergekit_yaml
 from mergesearch.merging.output import new_file
 from mergesearch.merging.registry import get_method
 from mergesearch.recipe import Recipe, RecipeError
@@ -34,19 +35,19 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
         out.mkdir(parents=True, exist_ok=True)
         staged.append((_stage(out / "recipe.json", recipe.to_json() + "\n"), out / "recipe.json"))
         try:
-            yaml_text = recipe.to_mergekit_yaml(out_dtype=_model_dtype(config, recipe))
+            yaml_text = to_mergekit_yaml(recipe, out_dtype=_model_dtype(config, recipe))
             staged.append((_stage(out / "mergekit.yaml", yaml_text), out / "mergekit.yaml"))
         except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
             staged.append((None, out / "mergekit.yaml"))
         if save_model:
-            from mergesearch.merging import TaskVectors, load_live_model
+            from mergesearch.merging import MergeEngine, load_live_model
             from mergesearch.merging import save_model as write_model
 
             sources = [s for s in dict.fromkeys([*recipe.source_names()]) if s != recipe.base_model]
             base = recipe.base_model or _config_base(config)
-            engine = TaskVectors(base, [s for s in sources if s != base])
+            engine = MergeEngine(base, [s for s in sources if s != base])
             if "fisher" in get_method(recipe.method).needs:
-                from mergesearch.search.fisher import attach_fisher
+                from mergesearch.search.calibration import attach_fisher
 
                 attach_fisher(config, engine)
             model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype,

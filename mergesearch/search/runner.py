@@ -28,8 +28,8 @@ from optuna.trial import TrialState
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
 from mergesearch.recipe import Recipe
+from mergesearch.search.calibration import fisher_files, uses_fisher
 from mergesearch.search.cluster import start_ray, worker_env
-from mergesearch.search.fisher import fisher_files, uses_fisher
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.samplers import build_sampler, needs_flat_space
 from mergesearch.search.study import Driver, counted, create_or_load, is_duplicate, recover_orphans

@@ -23,8 +23,9 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from mergesearch.config import Config, mask_password, parse_config, read_text
+from mergesearch.config import Config, mask_password, parse_config
 from mergesearch.errors import StudyError
+from mergesearch.files import read_text
 
 CONFIG_ATTR = "mergesearch.config"
 DRIVER_PREFIX = "mergesearch.driver."

@@ -44,7 +44,7 @@ class CandidateWorker:
 
         from mergesearch.evaluators import build_evaluators
         from mergesearch.evaluators.quiet import quiet_libraries
-        from mergesearch.merging import TaskVectors, load_live_model
+        from mergesearch.merging import MergeEngine, load_live_model
 
         started = time.perf_counter()
         data = dict(snapshot)
@@ -56,7 +56,7 @@ class CandidateWorker:
             device = "cuda"
         cache_gb = self.config.workers.cache_gb
         with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
-            self.engine = TaskVectors(base, list(sources.values()), device=device or "cpu",
+            self.engine = MergeEngine(base, list(sources.values()), device=device or "cpu",
                                       cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
             if fisher:
                 self.load_fisher(fisher)
@@ -74,7 +74,7 @@ class CandidateWorker:
 
     def load_fisher(self, files: dict[str, str]) -> None:
         """Attach each model's cached Fisher information (model -> file), for `fisher`."""
-        from mergesearch.merging.fisher import load_fisher
+        from mergesearch.merging.fisher_info import load_fisher
 
         self.engine.attach_fisher({m: load_fisher(f, self.engine.device) for m, f in files.items()})
 

@@ -65,22 +65,58 @@ from optuna.distributions import (
 )
 
 from mergesearch.config import ConfigError, Space
+from mergesearch.merging.architecture import ATTN_FILTERS, MLP_FILTERS, layer_t
 from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod, Param, all_methods, get_method
-from mergesearch.merging.sparsify import della_in_range
-from mergesearch.recipe import Recipe, evaluate, layer_t
+from mergesearch.merging.sparsify import della_in_range, della_max_epsilon
+from mergesearch.recipe import Recipe, evaluate_setting
 
-ATTN_FILTERS = ("attn", ".attention.")  # Llama family, GPT-2 / GPT-NeoX
-MLP_FILTERS = ("mlp",)
 BASE_ALIAS = "base"  # linear's name for the base model among its inputs
 _EDGE = 1e-6  # keeps density strictly inside (epsilon, 1 - epsilon)
 
 Spec = Any  # a knob in this space: a distribution, a fixed value, or None (the default)
 
 
+def check_space(space: Space) -> None:
+    """The config's space against the registry, before any model is read: every method is
+    known and every override names one of its knobs, within the knob's valid range (the
+    one place bounds are checked: `SearchSpace` builds its distributions from the same)."""
+    for name, overrides in space.methods.items():
+        try:
+            method = get_method(name)
+        except KeyError:
+            raise ConfigError(f"space.methods.{name}: unknown merge method; "
+                              f"known: {', '.join(sorted(all_methods()))}") from None
+        for key in overrides:
+            if method.param(key) is None:
+                raise ConfigError(f"space.methods.{name}.{key}: not a parameter of {name}")
+    for key in space.params:
+        if not any(get_method(m).param(key) for m in space.methods):
+            raise ConfigError(f"space.params.{key}: no chosen method has this parameter")
+    for name in space.methods:
+        for p in get_method(name).params:
+            _bound(space, get_method(name), p)
+
+
+def _bound(space: Space, method: MergeMethod, p: Param) -> Any:
+    """The config's value or [low, high] for one knob of one method (None: not given),
+    checked against the knob's valid range; ConfigError naming the field otherwise."""
+    own = space.methods.get(method.name, {})
+    field = f"space.methods.{method.name}.{p.name}" if p.name in own else f"space.params.{p.name}"
+    bound = own.get(p.name, space.params.get(p.name))
+    if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
+        raise ConfigError(f"{field}: a range is [low, high] with low <= high")
+    for v in bound if isinstance(bound, list) else [] if bound is None else [bound]:
+        problem = p.check(v)
+        if problem:
+            raise ConfigError(f"{field}: {problem}" + ("" if p.name in own else f" (for {method.name})"))
+    return bound
+
+
 class SearchSpace:
     def __init__(self, space: Space, base: str | None, sources: dict[str, str], num_layers: int,
                  seed: int = 0, flat: bool = False):
+        check_space(space)
         self.space, self.base, self.sources = space, base or None, dict(sources)
         self.num_layers, self.seed, self.flat = num_layers, seed, flat
         self.methods: dict[str, MergeMethod] = {m: get_method(m) for m in space.methods}
@@ -190,7 +226,7 @@ class SearchSpace:
             return spec
         # density d < 1 needs epsilon < min(d, 1 - d) at every layer and tensor kind
         ds = [d for d in self._resolved(density) if d < 1]
-        cap = min((min(d, 1 - d) for d in ds), default=spec.high) * (1 - 1e-3)
+        cap = min((della_max_epsilon(d) for d in ds), default=spec.high) * (1 - 1e-3)
         high = min(spec.high, cap)
         low = min(spec.low, high)
         frac = trial.suggest_float(f"{method.name}.epsilon_frac.{alias}", 0.0, 1.0)
@@ -204,20 +240,12 @@ class SearchSpace:
         if isinstance(value, list) and value and isinstance(value[0], dict):
             kinds = [c["value"] for c in value]  # split_attn_mlp conditions
         ts = [layer_t(layer, self.num_layers) for layer in range(self.num_layers)]
-        return [evaluate(v, "", t) for v in kinds for t in ts]
+        return [evaluate_setting(v, "", t) for v in kinds for t in ts]
 
     # ---- construction: settle and check every knob -------------------------------------
 
     def _spec(self, method: MergeMethod, p: Param) -> Spec:
-        own = self.space.methods.get(method.name, {})
-        field = f"space.methods.{method.name}.{p.name}" if p.name in own else f"space.params.{p.name}"
-        bound = own.get(p.name, self.space.params.get(p.name))
-        for v in bound if isinstance(bound, list) else [] if bound is None else [bound]:
-            problem = p.check(v)
-            if problem:
-                raise ConfigError(f"{field}: {problem}" + ("" if p.name in own else f" (for {method.name})"))
-        if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
-            raise ConfigError(f"{field}: a range is [low, high] with low <= high")
+        bound = _bound(self.space, method, p)
         if bound is not None and not isinstance(bound, list):
             return bound
         if p.type is bool:

@@ -33,7 +33,7 @@ K = Param("k", default=2, type=int, valid=(0, 1000), search=(1, 2))
 
 
 def _register(name: str, inner_name: str) -> None:
-    inner = METHODS[inner_name]
+    inner = METHODS.get(inner_name)
 
     def method(x: MergeInputs, *, mask_lambda: list[float], k: int, **knobs) -> torch.Tensor:
         lam = knobs.pop("lambda")

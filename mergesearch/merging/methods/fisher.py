@@ -4,7 +4,7 @@ Averaging", arXiv:2111.09832).
 Each entry is averaged with weights λ_i·F_i, the diagonal Fisher information of model i
 at that entry: θ* = Σ_i λ_i F_i θ_i / Σ_i λ_i F_i. An entry a model is sure about pulls
 the average towards that model's value. The Fisher of each model is computed once on
-calibration data (`mergesearch.merging.fisher`) and handed to the method as a side input,
+calibration data (`mergesearch.merging.fisher_info`) and handed to the method as a side input,
 so a candidate costs what a weighted average costs.
 """
 

@@ -89,7 +89,7 @@ def fisher_files(config: Config, models: list[str], device: str | torch.device |
     from transformers import AutoTokenizer
 
     from mergesearch.merging.engine import default_device
-    from mergesearch.merging.fisher import cached_fisher
+    from mergesearch.merging.fisher_info import cached_fisher
 
     trust = config.models.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(models[0], trust_remote_code=trust)
@@ -100,7 +100,7 @@ def fisher_files(config: Config, models: list[str], device: str | torch.device |
 
 def attach_fisher(config: Config, engine: Any) -> None:
     """Load (computing first where needed) every model's Fisher into ``engine``."""
-    from mergesearch.merging.fisher import load_fisher
+    from mergesearch.merging.fisher_info import load_fisher
 
     files = fisher_files(config, engine.models, engine.device)
     engine.attach_fisher({m: load_fisher(f, engine.device) for m, f in files.items()})
