@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(VENV)/bin/pytest -q --durations=15 tests
+	$(VENV)/bin/pytest -q --durations=30 tests
+
+# everything but the end-to-end tests (Ray, CLI subprocesses, SIGKILLs) and wheel builds
+test-fast: install
+	$(VENV)/bin/pytest -q --durations=10 -m "not e2e and not slow" tests
 
 demo: install
 	$(VENV)/bin/mergesearch demo

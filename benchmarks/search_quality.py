@@ -21,6 +21,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,10 @@ def load_problem(limit: int, population: int | None = None, methods: list[str] |
         fisher = {m: str(f) for m, f in fisher_files(config, [base, *sources.values()], "cpu").items()}
     worker = CandidateWorker(config.snapshot(), base, sources, threads=1, fisher=fisher)
     names = [o.name for o in config.objectives]
-    references = [worker.evaluate(None)["values"]]
+    references = [worker.evaluate(None).values]
     for path in sources.values():
         recipe = Recipe(method="passthrough", models=[{"model": path}])
-        references.append(worker.evaluate(recipe.model_dump_json())["values"])
+        references.append(worker.evaluate(recipe.model_dump_json()).values)
     reference = np.array([[r[n] for n in names] for r in references]).min(axis=0)
     num_layers = Checkpoint.open(base).num_layers
     return config, base, sources, num_layers, worker, reference
@@ -142,19 +143,19 @@ def run_sampler(sampler: str, seed: int, n_trials: int, max_examples: int | None
         spent = 0
         if key not in cache:
             result = worker.evaluate(recipe.model_dump_json(), scored.first_fraction)
-            spent = result["examples"]
-            fidelity = min(result["fraction"].values(), default=1.0)
-            if not result["error"] and scored.promote(result):
-                skip = tuple(o for o, f in result["fraction"].items() if f >= 1)
+            spent = result.examples
+            fidelity = min(result.fraction.values(), default=1.0)
+            if not result.error and scored.promote(result):
+                skip = tuple(o for o, f in result.fraction.items() if f >= 1)
                 full = worker.evaluate(recipe.model_dump_json(), 1.0, skip)
-                spent += full["examples"]
-                result = {**full, "values": {**result["values"], **full["values"]}}
+                spent += full.examples
+                result = replace(full, values={**result.values, **full.values})
                 fidelity = 1.0
-            if result["error"]:
+            if result.error:
                 cache[key] = None
             else:
-                cache[key] = ([result["values"][n] for n in names], fidelity)
-                scored.add(key, result["values"], fidelity)
+                cache[key] = ([result.values[n] for n in names], fidelity)
+                scored.add(key, result.values, fidelity)
         examples.append((examples[-1] if examples else 0) + spent)
         methods.append(recipe.method)
         if cache[key] is None:

@@ -66,13 +66,8 @@ def merge(
     `mergekit-yaml RECIPE OUT` would."""
     from rich.progress import Progress
 
-    from mergesearch.merging import (
-        Checkpoint,
-        MergeEngine,
-        load_live_model,
-        save_model,
-        validate_recipe,
-    )
+    from mergesearch.merging import Checkpoint, validate_recipe
+    from mergesearch.merging.build import open_live, write_merged
     from mergesearch.merging.card import model_card
     from mergesearch.merging.checkpoint import check_custom_code
     from mergesearch.merging.mergekit import load_recipe
@@ -94,14 +89,15 @@ def merge(
         raise RecipeError(f"{out_dir}: exists and is not a folder")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading models", total=None)
-        tv = MergeEngine(base, names[1:], device=device)
-        model = load_live_model(tv.base.path, tv.device, r.dtype, trust_remote_code=trust_remote_code)
-        bar.update(task, description="merging", total=len(tv.names), completed=0)
-        tv.merge_into(model, r, progress=lambda i, n: bar.update(task, completed=i))
-        bar.update(task, description="writing", total=None)
+        engine, model = open_live(base, names[1:], device=device, dtype=r.dtype,
+                                  trust_remote_code=trust_remote_code)
+        bar.update(task, description="merging", total=len(engine.names), completed=0)
+
+        def merged(i: int, n: int) -> None:  # the write follows the last tensor
+            bar.update(task, completed=i, **({"description": "writing", "total": None} if i == n else {}))
+
         try:
-            path = save_model(model, out_dir, tokenizer_from=tv.base.path, recipe=r,
-                              card=model_card(r, out_dir.name))
+            path = write_merged(engine, model, r, out_dir, card=model_card(r, out_dir.name), progress=merged)
         except OSError as e:  # disk full, permission denied: the previous folder is kept
             kept = "; the previous folder is unchanged" if out_dir.exists() else ""
             raise RecipeError(f"--out: cannot write {out_dir} ({e.strerror or e}){kept}") from None
@@ -131,11 +127,13 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
     from rich.table import Table
 
     from mergesearch.config import ConfigError, load_config
+    from mergesearch.evaluators import check_objectives
     from mergesearch.merging.mergekit import load_recipe
     from mergesearch.recipe import RecipeError
     from mergesearch.search import CandidateWorker, resolve_models
 
     cfg = load_config(DEMO_CONFIG if str(config) == "demo" and not config.exists() else config)
+    check_objectives(cfg, source=str(config))  # before the model loads
     if (model is None) == (recipe is None):
         raise ConfigError("give exactly one of --model DIR or --recipe FILE")
     if heldout and not cfg.heldout:
@@ -159,14 +157,14 @@ def eval_(config: Path = typer.Argument(..., help="Config YAML (its objectives a
         status.update(f"scoring {len(worker.evaluators)} objectives")
         result = worker.evaluate(recipe_json)
     if as_json:
-        print(json.dumps({k: result[k] for k in ("values", "metrics", "error", "timings")}, indent=2))
+        print(json.dumps({k: getattr(result, k) for k in ("values", "metrics", "error", "timings")}, indent=2))
     else:
         table = Table("objective", "value")
-        for name, value in result["values"].items():
+        for name, value in result.values.items():
             table.add_row(name, f"{value:.6g}")
         out.print(table)
-    if result["error"]:
-        err.print(f"[red]failed:[/red] {escape(result['error'])}", highlight=False)
+    if result.error:
+        err.print(f"[red]failed:[/red] {escape(result.error)}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -415,10 +413,13 @@ def demo(run_dir: Path | None = typer.Option(None, help="Run folder (default: ru
 
 @app.command()
 def schema():
-    """Print the config's JSON schema."""
+    """Print the config's JSON schema, with each built-in evaluator's options in $defs."""
     from mergesearch.config import Config
+    from mergesearch.evaluators import options_schemas
 
-    out.print_json(json.dumps(Config.model_json_schema()))
+    schema = Config.model_json_schema()
+    schema.setdefault("$defs", {}).update(options_schemas())
+    out.print_json(json.dumps(schema))
 
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"  # shipped in the package

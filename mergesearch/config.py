@@ -136,47 +136,27 @@ class DatasetSpec(_Strict):
     text_field: str = "text"
 
 
-class Objective(_Strict):
-    name: str
-    evaluator: str = Field("lm_eval", description="lm_eval, perplexity, cost, or 'package.module:Class' "
-                                                   "for your own Evaluator subclass")
-    direction: Literal["maximize", "minimize"] | None = None
-    # lm_eval
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names")
-    metric: str | None = Field(None, description="lm-eval metric key, e.g. 'acc,none'; the mean over tasks is used. "
-                                                 "For cost: kept_fraction")
-    limit: int | float | None = Field(None, description="Examples per task (int) or fraction (float < 1)")
-    num_fewshot: int | None = None
-    batch_size: int = 16
-    apply_chat_template: bool = False
-    fewshot_as_multiturn: bool = False
-    gen_kwargs: dict[str, Any] | None = None
-    seed: int = 1234
-    # perplexity
-    dataset: DatasetSpec | None = None
-    max_tokens: int = Field(16384, ge=1, description="Token budget for perplexity")
-    seq_len: int = Field(256, ge=2)
+class Objective(BaseModel):
+    """One objective: its name, the evaluator that scores it and the direction. Every other
+    key is the evaluator's own option (declared by its ``Options``): kept here as given and
+    checked against the evaluator by `mergesearch.evaluators.check_objectives`."""
 
-    @model_validator(mode="after")
-    def _shape(self) -> Objective:
-        if self.evaluator not in ("lm_eval", "perplexity", "cost") and ":" not in self.evaluator:
-            raise ValueError(f"evaluator: {self.evaluator!r} is not lm_eval, perplexity, cost or 'module:Class'")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise ValueError(f"name: {self.name!r} may only use letters, digits, '_', '.', '-'")
-        if self.evaluator == "lm_eval":
-            if not self.tasks:
-                raise ValueError("tasks: an lm_eval objective needs at least one task")
-            if not self.metric:
-                raise ValueError("metric: an lm_eval objective names the metric it reads, e.g. 'acc,none'")
-        if self.evaluator == "perplexity" and self.dataset is None:
-            raise ValueError("dataset: a perplexity objective needs a dataset")
-        if self.evaluator == "cost" and self.metric not in (None, "kept_fraction"):
-            raise ValueError("metric: cost objectives offer kept_fraction")
-        if self.limit is not None and (self.limit <= 0 or (isinstance(self.limit, float) and self.limit > 1)):
-            raise ValueError("limit: a positive count, or a fraction in (0, 1]")
-        if self.direction is None:
-            self.direction = "maximize" if self.evaluator == "lm_eval" else "minimize"
-        return self
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    evaluator: str = Field("lm_eval", description="lm_eval, perplexity, cost, a registered evaluator, or "
+                                                   "'package.module:Class' for your own Evaluator subclass; "
+                                                   "its options are the objective's other keys (see "
+                                                   "$defs.<evaluator>_options)")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        None, description="Default: the evaluator's (maximize for lm_eval, minimize for perplexity and cost)")
+
+    @field_validator("name")
+    @classmethod
+    def _name_charset(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"{v!r} may only use letters, digits, '_', '.', '-'")
+        return v
 
 
 class LmEvalSettings(_Strict):
@@ -220,7 +200,8 @@ class Study(_Strict):
 
 
 class Sampler(_Strict):
-    name: Literal["nsga2", "nsga3", "tpe", "gp", "random", "cmaes"] | None = None
+    name: str | None = Field(None, description="nsga2, nsga3, tpe, gp, random, cmaes or a registered sampler "
+                                                "(default: nsga2 for several objectives, tpe for one)")
     seed: int = 0
     population_size: int | None = Field(None, ge=2, description="NSGA population (default: max(16, 2 x workers))")
 

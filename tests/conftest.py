@@ -12,6 +12,14 @@ import pytest  # noqa: E402
 from support import ARCHS, build_family  # noqa: E402
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that needs the session's Ray is end to end, so that `make test-fast`
+    (``-m "not e2e"``) never starts Ray, whether or not the test says so itself."""
+    for item in items:
+        if "ray_session" in item.fixturenames:  # requested directly or by another fixture
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("families")

@@ -1,5 +1,5 @@
 """A user-defined evaluator (loaded by 'module:Class') that meets real faults on purpose,
-for tests/test_fault_injection.py. It scores a real number read from the live weights."""
+for tests/test_faults.py. It scores a real number read from the live weights."""
 
 from __future__ import annotations
 

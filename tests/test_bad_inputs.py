@@ -119,7 +119,7 @@ def test_an_error_raised_in_a_worker_reaches_the_user_without_its_class_path(ray
     """A user error raised in a Ray worker crosses as a traceback whose last line starts
     with the class path (``mergesearch.config.ConfigError: ...``): the message drops it."""
     from mergesearch.config import ConfigError
-    from mergesearch.search.runner import _actor_cause
+    from mergesearch.search.pool import actor_cause
 
     @ray_session.remote
     class Refuses:
@@ -131,4 +131,4 @@ def test_an_error_raised_in_a_worker_reaches_the_user_without_its_class_path(ray
 
     with pytest.raises(ray_session.exceptions.RayActorError) as e:
         ray_session.get(Refuses.remote().info.remote(), timeout=120)
-    assert _actor_cause(e.value) == "config snapshot: budget.n_trials: Input should be greater than or equal to 1"
+    assert actor_cause(e.value) == "config snapshot: budget.n_trials: Input should be greater than or equal to 1"

@@ -11,14 +11,11 @@ import optuna
 import pytest
 import yaml
 from support import cli_error
+from support.studies import TASKS
 
 from mergesearch.config import ConfigError, mask_password, parse_config
 from mergesearch.search import runner
 from mergesearch.search.study import create_or_load
-
-ROOT = Path(__file__).resolve().parent.parent
-TASKS = str(ROOT / "mergesearch" / "demo" / "tasks")
-
 
 
 def config_data(run_dir: Path, base: str = "b", sources=None, **study) -> dict:

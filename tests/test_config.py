@@ -6,10 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
 from mergesearch.config import ConfigError, load_config, mask_password, parse_config
+from mergesearch.evaluators import check_objectives
+from mergesearch.search.samplers import (
+    SAMPLERS,
+    SamplerSpec,
+    build_sampler,
+    check_sampler,
+    needs_flat_space,
+)
 from mergesearch.spaces import check_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +45,13 @@ def refusal(data: dict) -> str:
     return str(e.value)
 
 
+def option_refusal(data: dict) -> str:
+    """How an objective's options are refused: by its evaluator, once the config parsed."""
+    with pytest.raises(ConfigError) as e:
+        check_objectives(parse_config(data, source="cfg.yaml"))
+    return str(e.value)
+
+
 def test_shipped_configs_load():
     demo = load_config(ROOT / "mergesearch" / "demo" / "demo.yaml")
     assert [o.name for o in demo.objectives] == ["add", "reverse", "sort"]
@@ -58,9 +74,26 @@ def test_population_defaults_to_twice_the_workers_at_least_16():
 
 
 def test_directions_default_by_evaluator():
-    cfg = parse_config(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
-                                         {"name": "kept", "evaluator": "cost"}]))
+    cfg = check_objectives(parse_config(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
+                                                          {"name": "kept", "evaluator": "cost"}])))
     assert [o.direction for o in cfg.objectives] == ["maximize", "minimize"]
+
+
+def test_objective_options_are_kept_as_given_in_the_snapshot():
+    snapshot = parse_config(MINIMAL).snapshot()
+    assert snapshot["objectives"] == [{"name": "acc", "evaluator": "lm_eval", "direction": None,
+                                       "tasks": ["demo_add"], "metric": "acc,none"}]
+
+
+def test_unknown_option_of_an_objective_is_refused_with_its_path():
+    msg = option_refusal(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none", "limt": 4}]))
+    assert msg == "objectives.0.limt: unknown key"
+
+
+def test_option_of_another_evaluator_is_refused():
+    msg = option_refusal(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
+                                           {"name": "kept", "evaluator": "cost", "seq_len": 8}]))
+    assert msg == "objectives.1.seq_len: unknown key"
 
 
 def test_unknown_key_is_refused_with_its_path():
@@ -100,8 +133,48 @@ def test_cmaes_with_several_objectives_is_refused():
 
 
 def test_lm_eval_objective_needs_a_metric():
-    assert "metric: an lm_eval objective names the metric" in refusal(
+    assert "objectives.0.metric: an lm_eval objective names the metric" in option_refusal(
         with_(objectives=[{"name": "a", "tasks": ["t"]}]))
+
+
+def test_limit_above_one_as_a_fraction_is_refused():
+    assert option_refusal(with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "m", "limit": 1.5}])) == (
+        "objectives.0.limit: a positive count, or a fraction in (0, 1]")
+
+
+def test_heldout_options_are_refused_with_their_path():
+    msg = option_refusal(with_(heldout=[{"name": "h", "evaluator": "perplexity"}]))
+    assert msg == "heldout.0.dataset: a perplexity objective needs a dataset"
+
+
+def test_objective_name_with_a_space_is_refused():
+    assert refusal(with_(objectives=[{"name": "a b", "evaluator": "cost"}])) == (
+        "cfg.yaml: objectives.0.name: 'a b' may only use letters, digits, '_', '.', '-'")
+
+
+def test_unknown_sampler_is_refused_naming_known_ones():
+    with pytest.raises(ConfigError) as e:
+        check_sampler(parse_config(with_(sampler={"name": "annealing"})))
+    assert str(e.value).startswith("sampler.name: unknown sampler 'annealing'; known: cmaes, gp, nsga2")
+
+
+def test_a_registered_sampler_is_built_by_name_with_its_seed():
+    seeds: list[int] = []
+
+    def build(config, seed: int) -> optuna.samplers.BaseSampler:
+        seeds.append(seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    SAMPLERS.register("test_seeded", SamplerSpec(build))
+    sampler = build_sampler(parse_config(with_(sampler={"name": "test_seeded", "seed": 5})), offset=2)
+    assert isinstance(sampler, optuna.samplers.RandomSampler) and seeds == [7]
+
+
+def test_a_sampler_declared_flat_samples_every_methods_knobs():
+    SAMPLERS.register("test_flat", SamplerSpec(lambda config, seed: optuna.samplers.RandomSampler(seed), True))
+    two_methods = parse_config(with_(sampler={"name": "test_flat"}, space={"methods": ["ties", "dare_ties"]}))
+    random = parse_config(with_(sampler={"name": "random"}, space={"methods": ["ties", "dare_ties"]}))
+    assert (needs_flat_space(two_methods), needs_flat_space(random)) == (True, False)
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -126,8 +199,10 @@ def test_relative_task_folders_are_taken_from_the_config_folder(tmp_path):
     assert load_config(f).include_paths() == [str(tmp_path / "sub" / "tasks")]
 
 
+@pytest.mark.e2e
 def test_schema_command_prints_json_schema():
     out = subprocess.run([sys.executable, "-m", "mergesearch.cli", "schema"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
     assert '"objectives"' in out.stdout and '"models"' in out.stdout
+    assert all(f'"{name}_options"' in out.stdout for name in ("lm_eval", "perplexity", "cost"))

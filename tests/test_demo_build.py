@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.studies import ROOT, TASKS
 
 from mergesearch.config import parse_config
 from mergesearch.demo import build_experts, cache_dir, examples
 from mergesearch.demo.experts import BUILD_SOURCES, HERE, NAMES, _training_pairs, cache_key
 from mergesearch.search import CandidateWorker
 
-ROOT = Path(__file__).resolve().parent.parent
-TASKS = str(ROOT / "mergesearch" / "demo" / "tasks")
 SKILLS = ("add", "reverse", "sort")
 
 
@@ -32,7 +31,7 @@ def scores(model: Path, limit: int | None) -> dict[str, float]:
                    **({"limit": limit} if limit else {})} for s in SKILLS]
     cfg = parse_config({"models": {"base": "b", "sources": {"x": "x"}}, "objectives": objectives,
                         "lm_eval": {"include_path": TASKS, "include_defaults": False}}, root=ROOT)
-    return CandidateWorker(cfg.snapshot(), str(model), {}).evaluate(None)["values"]
+    return CandidateWorker(cfg.snapshot(), str(model), {}).evaluate(None).values
 
 
 def build_in_subprocess(cache: Path, steps: int, stderr, env: dict | None = None) -> subprocess.Popen:
@@ -49,6 +48,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("limit", [60, None], ids=["search-limit-60", "full-150"])
+@pytest.mark.e2e  # real lm-eval on every demo expert, up to all 150 examples: minutes
 def test_each_expert_scores_at_least_0_9_on_its_skill_and_the_base_near_chance(demo_experts, limit):
     base = scores(demo_experts["base"], limit)
     experts = {s: scores(demo_experts[s], limit)[s] for s in SKILLS}
@@ -86,6 +86,7 @@ def test_cache_folder_is_named_for_the_build_source_and_library_versions(tmp_pat
         shutil.rmtree(changed)
 
 
+@pytest.mark.e2e
 def test_processes_building_together_train_once_and_share_the_folder(tmp_path):
     cache = tmp_path / "demo-x"
     logs = [tmp_path / "first.err", tmp_path / "second.err"]
@@ -102,6 +103,7 @@ def test_processes_building_together_train_once_and_share_the_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+@pytest.mark.e2e
 def test_sigterm_mid_build_leaves_no_temporary_folder_and_no_cache(tmp_path):
     cache = tmp_path / "demo-x"
     proc = build_in_subprocess(cache, 400, subprocess.DEVNULL)
@@ -114,6 +116,7 @@ def test_sigterm_mid_build_leaves_no_temporary_folder_and_no_cache(tmp_path):
     assert not cache.exists()
 
 
+@pytest.mark.e2e
 def test_build_shows_its_own_progress_line_and_no_transformers_bars(tmp_path):
     err = tmp_path / "err"
     env = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "TERM": "xterm"}  # rich renders as on a terminal

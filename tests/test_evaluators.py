@@ -11,24 +11,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.studies import TASKS
+from support.studies import task_config as config
 
 from mergesearch.config import parse_config
 from mergesearch.errors import EvaluatorError
-from mergesearch.evaluators import build_evaluators
+from mergesearch.evaluators import EvaluatorOptions, build_evaluators, register_evaluator
+from mergesearch.evaluators.base import Evaluator
 from mergesearch.evaluators.cost import kept_fraction
 from mergesearch.merging import MergeEngine, load_live_model
 from mergesearch.recipe import Recipe
 from mergesearch.search import CandidateWorker
 
-ROOT = Path(__file__).resolve().parent.parent
-TASKS = str(ROOT / "mergesearch" / "demo" / "tasks")
+
+class ConstantEvaluator(Evaluator):
+    """Scores the number its objective gives: a user's evaluator with an option of its own."""
+
+    direction = "maximize"
+
+    class Options(EvaluatorOptions):
+        value: float
+
+    def setup(self, model, tokenizer, engine=None) -> None:
+        pass
+
+    def measure(self, recipe):
+        return self.options.value, {}
 
 
-def config(objectives: list[dict], **extra):
-    return parse_config({"models": {"base": "b", "sources": {"x": "x"}}, "objectives": objectives,
-                         "lm_eval": {"include_path": TASKS, "include_defaults": False}, **extra},
-                        root=ROOT)
-
+register_evaluator("test_constant", ConstantEvaluator)
 
 SKILLS = [{"name": s, "tasks": [f"demo_{s}"], "metric": "acc,none", "limit": 40} for s in ("add", "reverse", "sort")]
 
@@ -43,25 +54,27 @@ def passthrough(path) -> str:
     return Recipe(method="passthrough", models=[{"model": str(path)}]).model_dump_json()
 
 
+@pytest.mark.e2e  # real lm-eval on the demo models: a minute or more on 2 shared cores
 def test_each_expert_has_its_skill_well_above_base_and_siblings(worker, demo_experts):
-    base = worker.evaluate(None)["values"]
+    base = worker.evaluate(None).values
     for skill in ("add", "reverse", "sort"):
-        scores = worker.evaluate(passthrough(demo_experts[skill]))["values"]
-        others = [worker.evaluate(passthrough(demo_experts[o]))["values"][skill]
+        scores = worker.evaluate(passthrough(demo_experts[skill])).values
+        others = [worker.evaluate(passthrough(demo_experts[o])).values[skill]
                   for o in ("add", "reverse", "sort") if o != skill]
         assert scores[skill] >= 0.85
         assert base[skill] <= 0.4 and max(others) <= 0.4
 
 
 def test_score_follows_in_place_weight_changes(worker, demo_experts):
-    base = worker.evaluate(None)["values"]
+    base = worker.evaluate(None).values
     merged = Recipe(method="task_arithmetic", base_model=str(demo_experts["base"]),
                     models=[{"model": str(demo_experts["sort"]), "parameters": {"weight": 1.0}}])
-    after = worker.evaluate(merged.model_dump_json())["values"]
+    after = worker.evaluate(merged.model_dump_json()).values
     assert after["sort"] >= base["sort"] + 0.4
-    assert worker.evaluate(None)["values"] == base  # restored weights, identical scores
+    assert worker.evaluate(None).values == base  # restored weights, identical scores
 
 
+@pytest.mark.e2e
 def test_scores_equal_the_lm_eval_cli_to_the_last_digit(demo_experts, tmp_path):
     model = str(demo_experts["add"])
     cli = subprocess.run(
@@ -72,7 +85,7 @@ def test_scores_equal_the_lm_eval_cli_to_the_last_digit(demo_experts, tmp_path):
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     cfg = config([{"name": "add", "tasks": ["demo_add"], "metric": "acc,none", "limit": 40},
                   {"name": "sort", "tasks": ["demo_sort"], "metric": "acc,none", "limit": 40}])
-    ours = CandidateWorker(cfg.snapshot(), model, {}).evaluate(None)["values"]
+    ours = CandidateWorker(cfg.snapshot(), model, {}).evaluate(None).values
     assert ours == {"add": results["demo_add"]["acc,none"], "sort": results["demo_sort"]["acc,none"]}
 
 
@@ -100,6 +113,19 @@ def test_code_executing_task_needs_the_unsafe_flag(demo_experts, tmp_path):
         "lm_eval": {"include_path": str(tmp_path), "include_defaults": False}})
     with pytest.raises(EvaluatorError, match="executes model-written code; set lm_eval.allow_unsafe_code"):
         build_evaluators(cfg)[0].setup(model, None)
+
+
+def test_a_registered_evaluator_is_found_by_name_with_its_options_and_direction():
+    cfg = config([{"name": "k", "evaluator": "test_constant", "value": 0.25}])
+    ev = build_evaluators(cfg)[0]
+    assert isinstance(ev, ConstantEvaluator) and cfg.objectives[0].direction == "maximize"
+    assert ev.score(None).value == 0.25
+
+
+def test_an_unknown_evaluator_is_refused_naming_the_known_ones():
+    with pytest.raises(EvaluatorError) as e:
+        build_evaluators(config([{"name": "k", "evaluator": "constant"}]))
+    assert str(e.value).startswith("objectives.0.evaluator: unknown evaluator 'constant'; known: cost, lm_eval")
 
 
 def test_failing_and_nan_scores_are_failures_and_the_evaluator_stays_usable(demo_experts):
@@ -150,6 +176,7 @@ def test_kept_fraction_counts_the_entries_ties_keeps(families):
                                 models=[{"model": f["s0"], "parameters": {"weight": 1.0}}]), tv) == 1.0
 
 
+@pytest.mark.e2e
 def test_eval_command_scores_a_recipe(demo_experts, tmp_path):
     recipe = Recipe(method="task_arithmetic", base_model=str(demo_experts["base"]),
                     models=[{"model": str(demo_experts["add"]), "parameters": {"weight": 1.0}}])
@@ -164,6 +191,7 @@ def test_eval_command_scores_a_recipe(demo_experts, tmp_path):
     assert json.loads(out.stdout)["values"]["add"] >= 0.85
 
 
+@pytest.mark.e2e
 def test_eval_command_takes_demo_for_the_demo_config_wherever_it_runs(demo_experts, tmp_path):
     # a wheel user has no path to the packaged config: `demo` names it
     out = subprocess.run([sys.executable, "-m", "mergesearch.cli", "eval", "demo", "--model",
@@ -194,6 +222,7 @@ def test_each_lm_eval_objective_runs_with_its_own_batch_size(families):
     assert seen == {"one": [1], "four": [4]}
 
 
+@pytest.mark.e2e
 def test_eval_command_prints_no_library_progress_bars(families, tmp_path):
     f = families["llama"]
     (tmp_path / "text.jsonl").write_text('{"text": "12+7=19 and 3+4=7"}\n{"text": "abcd>dcba and xyz>zyx"}\n')

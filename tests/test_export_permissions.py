@@ -9,7 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_merge_cli import merge_in_process, ties_recipe
+from support.cli import merge_in_process
+from support.recipes import ties_recipe
 
 from mergesearch.config import parse_config
 from mergesearch.search.export import export_trial

@@ -7,15 +7,21 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
-from test_evaluators import TASKS, config
-from test_search import write_config
+from support.studies import TASKS, task_config, write_config
 
 from mergesearch.config import load_config
 from mergesearch.evaluators.lm_eval import scaled_limit
-from mergesearch.search import CandidateWorker, Runner, pareto_front, study_hypervolume
+from mergesearch.search import (
+    CandidateResult,
+    CandidateWorker,
+    Runner,
+    pareto_front,
+    study_hypervolume,
+)
 from mergesearch.search.front import scored_trials
 from mergesearch.search.runner import Scored
 
@@ -28,6 +34,7 @@ def test_subset_limit_is_the_fraction_of_the_objectives_limit(limit, fraction, e
     assert scaled_limit(limit, fraction) == expected
 
 
+@pytest.mark.e2e
 def test_subset_score_and_stderr_equal_the_lm_eval_cli_on_that_many_examples(demo_experts, tmp_path):
     model = str(demo_experts["base"])
     cli = subprocess.run(
@@ -36,21 +43,21 @@ def test_subset_score_and_stderr_equal_the_lm_eval_cli_on_that_many_examples(dem
          "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-2000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-    cfg = config([{"name": "both", "tasks": ["demo_add", "demo_sort"], "metric": "acc,none", "limit": 40}],
+    cfg = task_config([{"name": "both", "tasks": ["demo_add", "demo_sort"], "metric": "acc,none", "limit": 40}],
                  fidelity=FIDELITY)
     out = CandidateWorker(cfg.snapshot(), model, {}).evaluate(None, fraction=0.25)
     add, sort = results["demo_add"], results["demo_sort"]
-    assert out["fraction"] == {"both": 0.25} and out["examples"] == 20
-    assert out["values"]["both"] == pytest.approx((add["acc,none"] + sort["acc,none"]) / 2, abs=1e-12)
+    assert out.fraction == {"both": 0.25} and out.examples == 20
+    assert out.values["both"] == pytest.approx((add["acc,none"] + sort["acc,none"]) / 2, abs=1e-12)
     # the mean of two tasks' accuracies: se = sqrt(se_add^2 + se_sort^2) / 2
     expected = math.hypot(add["acc_stderr,none"], sort["acc_stderr,none"]) / 2
-    assert expected > 0 and out["stderr"]["both"] == pytest.approx(expected, rel=1e-9)
+    assert expected > 0 and out.stderr["both"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_perplexity_on_a_subset_reads_its_first_windows_with_a_delta_method_stderr(demo_experts, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"{a}+{b}={a + b}"}) + "\n" for a in range(10, 60) for b in (3, 7)))
-    cfg = config([{"name": "ppl", "evaluator": "perplexity", "seq_len": 16, "max_tokens": 160, "batch_size": 4,
+    cfg = task_config([{"name": "ppl", "evaluator": "perplexity", "seq_len": 16, "max_tokens": 160, "batch_size": 4,
                    "dataset": {"path": "json", "data_files": str(data)}}], fidelity=FIDELITY)
     worker = CandidateWorker(cfg.snapshot(), str(demo_experts["base"]), {})
     ev = worker.evaluators[0]
@@ -67,14 +74,14 @@ def test_perplexity_on_a_subset_reads_its_first_windows_with_a_delta_method_stde
 def ledger(directions=("maximize", "maximize"), margin=2.0) -> Scored:
     """Two full-fidelity points on the front: a = (0.8, 0.2) and b = (0.3, 0.7)."""
     objectives = [{"name": n, "evaluator": "cost", "direction": d} for n, d in zip("xy", directions)]
-    scored = Scored(config(objectives, fidelity={**FIDELITY, "margin": margin}))
+    scored = Scored(task_config(objectives, fidelity={**FIDELITY, "margin": margin}))
     scored.add("front-a", {"x": 0.8, "y": 0.2})
     scored.add("front-b", {"x": 0.3, "y": 0.7})
     return scored
 
 
-def first_pass(x, y, se_x=0.05, se_y=0.05) -> dict:
-    return {"values": {"x": x, "y": y}, "stderr": {"x": se_x, "y": se_y}, "fraction": {"x": 0.25, "y": 0.25}}
+def first_pass(x, y, se_x=0.05, se_y=0.05) -> CandidateResult:
+    return CandidateResult(values={"x": x, "y": y}, stderr={"x": se_x, "y": se_y}, fraction={"x": 0.25, "y": 0.25})
 
 
 def test_a_first_pass_dominated_even_when_optimistic_is_not_promoted():
@@ -104,7 +111,7 @@ def test_a_first_pass_without_a_standard_error_is_promoted():
 
 
 def test_nothing_to_promote_when_every_objective_was_scored_in_full():
-    full = {**first_pass(0.9, 0.9), "fraction": {"x": 1.0, "y": 1.0}}
+    full = replace(first_pass(0.9, 0.9), fraction={"x": 1.0, "y": 1.0})
     assert not ledger().promote(full)
 
 
@@ -151,5 +158,5 @@ def test_a_promoted_candidates_scores_are_its_full_set_scores(fidelity_run, demo
     d = {k: str(v) for k, v in demo_experts.items()}
     worker = CandidateWorker(config.snapshot(), d["base"], {s: d[s] for s in ("add", "reverse", "sort")})
     recipe = json.dumps(t.user_attrs["recipe"])
-    assert worker.evaluate(recipe)["values"] == dict(zip(["add", "sort"], t.values))
-    assert worker.evaluate(recipe, fraction=0.25)["values"] == t.user_attrs["first_scores"]
+    assert worker.evaluate(recipe).values == dict(zip(["add", "sort"], t.values))
+    assert worker.evaluate(recipe, fraction=0.25).values == t.user_attrs["first_scores"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_search import write_config
+from support.studies import write_config
 from transformers import AutoModelForCausalLM
 
 from mergesearch.config import load_config

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
+from support.cli import MERGESEARCH, assert_refused, disk_full_at, merge_in_process
+from support.recipes import expected_tensors, ties_recipe, write
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -22,41 +21,16 @@ from mergesearch.merging import MergeEngine, load_live_model, save_model
 from mergesearch.merging import output as output_module
 from mergesearch.merging.mergekit import from_mergekit, load_recipe
 
-MERGESEARCH = str(Path(sys.executable).parent / "mergesearch")  # the installed entry point
-
-
-def ties_recipe(f: dict, **change) -> dict:
-    recipe = {"merge_method": "ties", "base_model": f["base"], "parameters": {"density": 0.5},
-              "models": [{"model": f["s0"], "parameters": {"weight": 0.6}},
-                         {"model": f["s1"], "parameters": {"weight": [0.2, 0.8]}}]}
-    recipe.update(change)
-    return recipe
-
-
-def write(recipe: dict, tmp_path: Path) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
 
 def merge_subprocess(recipe: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([MERGESEARCH, "merge", str(write(recipe, tmp_path)), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
 
 
-def merge_in_process(recipe: dict, tmp_path: Path):
-    return CliRunner().invoke(app, ["merge", str(write(recipe, tmp_path)), "--out", str(tmp_path / "out"),
-                                    "--device", "cpu"])
-
-
-def expected_tensors(f: dict, recipe: dict) -> dict[str, torch.Tensor]:
-    return dict(MergeEngine(f["base"], [f["s0"], f["s1"]], device="cpu").merged_tensors(
-        from_mergekit(recipe)))
-
-
 # ---- writing a merged model -----------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_merge_writes_a_model_transformers_loads_with_our_tensors(families, tmp_path):
     f = families["llama"]
     result = merge_subprocess(ties_recipe(f), tmp_path)  # the real command, in its own process
@@ -165,18 +139,7 @@ def test_failed_final_rename_puts_the_previous_folder_back(families, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def disk_full_at(limit: int):
-    """For a child process: files larger than ``limit`` bytes cannot be written, and the
-    write fails with EFBIG (SIGXFSZ ignored) as a full disk fails with ENOSPC."""
-    import resource
-
-    def preexec():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return preexec
-
-
+@pytest.mark.e2e
 def test_disk_full_while_merging_keeps_the_previous_model_and_prints_one_error(families, tmp_path):
     f = families["llama"]
     recipe = write(ties_recipe(f), tmp_path)
@@ -199,15 +162,6 @@ def test_disk_full_while_merging_keeps_the_previous_model_and_prints_one_error(f
 
 
 # ---- bad input: exit code 2, one line naming the field or file, no traceback ---------
-
-
-def assert_refused(result, message: str, tmp_path: Path) -> None:
-    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert message in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "out").exists()
 
 
 BAD = {
@@ -275,6 +229,7 @@ def test_source_with_another_vocabulary_is_refused(tmp_path, families):
     assert_refused(result, f"{other}: tokenizer vocabulary differs from the base's", tmp_path)
 
 
+@pytest.mark.e2e
 def test_corrupt_safetensors_is_refused_naming_the_file(tmp_path, families):
     f = families["llama"]
     broken = tmp_path / "broken"

@@ -14,9 +14,15 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
-from test_fault_injection import config_for
-from test_merge_cli import assert_refused, expected_tensors, ties_recipe, write
-from test_mergekit_parity import assert_same_tensors, mergekit_tensors
+from support.cli import assert_refused
+from support.recipes import (
+    assert_same_tensors,
+    expected_tensors,
+    mergekit_tensors,
+    ties_recipe,
+    write,
+)
+from support.studies import config_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 

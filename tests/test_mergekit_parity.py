@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
 from safetensors.torch import load_file
+from support import build_family
+from support.recipes import assert_same_tensors, mergekit_tensors
 
 from mergesearch.merging import MergeEngine
 from mergesearch.merging.mergekit import from_mergekit, to_mergekit, to_mergekit_yaml
@@ -87,22 +87,6 @@ def cases(f: dict, num_layers: int) -> dict[str, tuple[str, dict]]:
 CASES = list(cases({k: k for k in ("base", "s0", "s1", "s2")}, 4))
 
 
-def mergekit_tensors(config: dict, out) -> dict[str, torch.Tensor]:
-    run_merge(MergeConfiguration.model_validate(config), str(out),
-              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-    tensors = {}
-    for f in out.glob("*.safetensors"):
-        tensors.update(load_file(f))
-    return tensors
-
-
-def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    # mergekit leaves out GPT-2's tied lm_head, as the checkpoints do
-    assert set(theirs) == set(ours)
-    for name, tensor in theirs.items():
-        assert torch.allclose(ours[name], tensor.float(), atol=1e-6), name
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def family(request, families):
     f = families[request.param]
@@ -121,7 +105,6 @@ def test_method_matches_mergekit(case, family, tmp_path):
 @pytest.fixture(scope="module")
 def family16(tmp_path_factory):
     """The Llama family stored in bfloat16, as users' checkpoints are."""
-    from support import build_family
     from transformers import AutoModelForCausalLM
 
     f = build_family(tmp_path_factory.mktemp("bf16"), "llama")

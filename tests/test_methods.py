@@ -7,29 +7,13 @@ import math
 
 import pytest
 import torch
+from support.methods import close, run
 
 from mergesearch.merging import MergeEngine, load_live_model, sparsify
-from mergesearch.merging.registry import MergeInputs, get_method
+from mergesearch.merging.registry import MergeInputs
 from mergesearch.recipe import Recipe
 
 S = 1 / math.sqrt(2)
-
-
-def run(method: str, base, models, **params) -> torch.Tensor:
-    """Call a registered method on literal tensors, with its defaults for unset knobs."""
-    m = get_method(method)
-    defaults = {p.name: p.default for p in m.params if not p.required}
-    n = len(models)
-    kwargs = {k: ([v] * n if m.param(k).per_model and not isinstance(v, list) else v)
-              for k, v in {**defaults, **params}.items()}
-    x = MergeInputs("model.layers.0.mlp.up_proj.weight",
-                    None if base is None else torch.tensor(base, dtype=torch.float32),
-                    torch.tensor(models, dtype=torch.float32), seed=7)
-    return m.fn(x, **kwargs)
-
-
-def close(a: torch.Tensor, b) -> bool:
-    return torch.allclose(a, torch.tensor(b, dtype=torch.float32), atol=1e-6)
 
 
 # ---- linear and task arithmetic --------------------------------------------------------

@@ -20,7 +20,8 @@ import torch
 import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from safetensors.torch import load_file
-from test_methods import close, run
+from support.methods import close, run
+from support.recipes import assert_same_tensors, mergekit_tensors
 from typer.testing import CliRunner
 
 from mergesearch.cli import app
@@ -306,8 +307,6 @@ def test_mergekit_export_writes_lines_as_a_lambda_gradient():
 
 
 def test_mergekit_runs_the_exported_lines_recipe_to_our_tensors(llama, tmp_path):
-    from test_mergekit_parity import assert_same_tensors, mergekit_tensors
-
     f, tv = llama
     recipe = ta_recipe(f, "ties", lines={"alpha": 0.5, "beta": 0.25})
     config = yaml.safe_load(to_mergekit_yaml(recipe))

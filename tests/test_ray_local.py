@@ -12,6 +12,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 START = """
 import os, sys, time, ray

@@ -6,46 +6,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
+from support.cli import MERGESEARCH_MODULE
+from support.studies import load_study, write_config
 
 from mergesearch.config import load_config
-from mergesearch.search import CandidateWorker, Runner, RunRef, choose, pareto_front
+from mergesearch.search import CandidateWorker, Runner, choose, pareto_front
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.study import counted
 
-ROOT = Path(__file__).resolve().parent.parent
-MERGESEARCH = [sys.executable, "-m", "mergesearch.cli"]
-TESTS = Path(__file__).resolve().parent
-
-
-def write_config(tmp_path: Path, n_trials: int, **overrides) -> Path:
-    """The demo config, made small: two objectives, few examples, a run folder in tmp."""
-    cfg = yaml.safe_load((ROOT / "mergesearch" / "demo" / "demo.yaml").read_text())
-    cfg["lm_eval"]["include_path"] = str(ROOT / "mergesearch" / "demo" / "tasks")
-    cfg["objectives"] = [
-        {"name": "add", "tasks": ["demo_add"], "metric": "acc,none", "limit": 16},
-        {"name": "sort", "tasks": ["demo_sort"], "metric": "acc,none", "limit": 16},
-    ]
-    cfg["heldout"] = []
-    cfg["budget"] = {"n_trials": n_trials}
-    cfg["sampler"] = {"name": "nsga2", "seed": 0, "population_size": 4}
-    cfg["study"] = {"name": "t", "run_dir": str(tmp_path / "run")}
-    for key, value in overrides.items():
-        cfg[key] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def load_study(run: Path) -> optuna.Study:
-    return RunRef.from_args(str(run)).load()
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +63,22 @@ def test_exported_model_scores_what_its_trial_recorded(finished_run, tmp_path):
     config, study = finished_run
     trial = choose(study, best="add")
     out = tmp_path / "export"
-    result = subprocess.run([*MERGESEARCH, "export", str(config.run_dir), "--best", "add", "--out", str(out),
+    result = subprocess.run([*MERGESEARCH_MODULE, "export", str(config.run_dir), "--best", "add", "--out", str(out),
                              "--save-model"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "recipe.json").read_text())["method"] == trial.user_attrs["recipe"]["method"]
     assert "merge_method:" in (out / "mergekit.yaml").read_text()
     worker = CandidateWorker(config.snapshot(), str(out / "model"), {})
     scores = worker.evaluate(None)
-    assert scores["error"] is None
-    assert scores["values"] == trial.user_attrs["scores"]
+    assert scores.error is None
+    assert scores.values == trial.user_attrs["scores"]
 
 
 def test_front_table_csv_and_plot(finished_run, tmp_path):
     config, study = finished_run
     front = pareto_front(study)
     png, csv = tmp_path / "front.png", tmp_path / "front.csv"
-    result = subprocess.run([*MERGESEARCH, "front", str(config.run_dir), "--csv", str(csv), "--plot", str(png)],
+    result = subprocess.run([*MERGESEARCH_MODULE, "front", str(config.run_dir), "--csv", str(csv), "--plot", str(png)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = csv.read_text().strip().splitlines()
@@ -115,7 +89,7 @@ def test_front_table_csv_and_plot(finished_run, tmp_path):
 
 def test_status_reports_progress_and_best(finished_run):
     config, _ = finished_run
-    result = subprocess.run([*MERGESEARCH, "status", str(config.run_dir)], capture_output=True, text=True,
+    result = subprocess.run([*MERGESEARCH_MODULE, "status", str(config.run_dir)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "8/8 trials counted" in result.stdout
@@ -174,7 +148,7 @@ def wait_for_completed(run: Path, n: int, proc: subprocess.Popen, timeout: float
 def test_resume_after_sigkill_keeps_completed_trials_and_reaches_budget(tmp_path, demo_experts):
     path = write_config(tmp_path, n_trials=10)
     run = tmp_path / "run"
-    proc = subprocess.Popen([*MERGESEARCH, "run", str(path)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*MERGESEARCH_MODULE, "run", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_completed(run, 3, proc)
@@ -184,7 +158,7 @@ def test_resume_after_sigkill_keeps_completed_trials_and_reaches_budget(tmp_path
     study = load_study(run)
     before = {t.number: t.values for t in study.trials if t.state == TrialState.COMPLETE}
     assert len(before) >= 3
-    result = subprocess.run([*MERGESEARCH, "resume", str(run)], capture_output=True, text=True, timeout=400,
+    result = subprocess.run([*MERGESEARCH_MODULE, "resume", str(run)], capture_output=True, text=True, timeout=400,
                             start_new_session=True)
     assert result.returncode == 0, result.stderr[-2000:]
     study = load_study(run)
@@ -202,7 +176,7 @@ def test_ctrl_c_leaves_the_study_consistent_and_resumable(tmp_path, demo_experts
     # a budget that outlasts the signal: a candidate of the demo takes ~0.1 s
     path = write_config(tmp_path, n_trials=30)
     run = tmp_path / "run"
-    proc = subprocess.Popen([*MERGESEARCH, "run", str(path)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*MERGESEARCH_MODULE, "run", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_completed(run, 2, proc)
@@ -217,7 +191,7 @@ def test_ctrl_c_leaves_the_study_consistent_and_resumable(tmp_path, demo_experts
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     done_before = sum(counted(t) for t in study.trials)
     assert done_before < 30
-    result = subprocess.run([*MERGESEARCH, "resume", str(run)], capture_output=True, text=True, timeout=400)
+    result = subprocess.run([*MERGESEARCH_MODULE, "resume", str(run)], capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sum(counted(t) for t in load_study(run).trials) == 30
 
@@ -231,7 +205,7 @@ def test_joins_an_existing_multi_node_ray_cluster(tmp_path, demo_experts):
     try:
         path = write_config(tmp_path, n_trials=3, workers={"count": 2, "cpus_per_worker": 1,
                                                             "address": cluster.address})
-        result = subprocess.run([*MERGESEARCH, "run", str(path)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*MERGESEARCH_MODULE, "run", str(path)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         study = load_study(tmp_path / "run")
         assert sum(counted(t) for t in study.trials) == 3

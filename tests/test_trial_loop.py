@@ -1,6 +1,7 @@
 """The trial loop's accounting: duplicates cost no budget and appear once on the front,
 the ETA after a resume, a dead co-driver's trials taken over, and what `status` says about
-trials no driver will finish. Real Optuna storage (SQLite), real Ray where a search runs."""
+trials no driver will finish; the loop itself on in-process workers (`SerialPool`, no Ray).
+Real Optuna storage (SQLite), real Ray where a search runs on actors."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from typer.testing import CliRunner
 from mergesearch.cli import app
 from mergesearch.config import parse_config
 from mergesearch.evaluators.base import Evaluator
-from mergesearch.search import Runner, RunRef, front_rows, pareto_front
+from mergesearch.search import Runner, RunRef, SerialPool, front_rows, pareto_front
+from mergesearch.search import runner as runner_module
 from mergesearch.search.front import front_csv, scored_trials
 from mergesearch.search.runner import MAX_DUPLICATES_IN_A_ROW, Progress
 from mergesearch.search.study import (
@@ -213,6 +215,89 @@ def test_status_gives_the_reason_of_trials_failed_and_requeued_when_their_driver
     assert "failed x1: interrupted: its driver died (re-queued, not re-run yet)" in text
 
 
+# ---- the loop on in-process workers (no Ray) ---------------------------------------------
+
+
+@pytest.fixture
+def no_ray(monkeypatch) -> None:
+    """A serial search never starts Ray."""
+
+    def tripwire(config) -> None:
+        raise AssertionError("Ray was started by a search on a SerialPool")
+
+    monkeypatch.setattr(runner_module, "start_ray", tripwire)
+
+
+def serial_run(config, seen: list[Progress] | None = None) -> optuna.Study:
+    return Runner(config, on_progress=(seen.append if seen is not None else None), pool=SerialPool).run()
+
+
+def test_serial_search_ends_exactly_on_the_budget(families, tmp_path, no_ray):
+    """Two slots per worker keep two candidates in flight, yet no trial is asked past the
+    budget and none is left running."""
+    config = config_for(families, tmp_path, budget={"n_trials": 5}, sampler={"name": "random", "seed": 1},
+                        space={"methods": ["linear", "task_arithmetic"]})
+    seen: list[Progress] = []
+    study = serial_run(config, seen)
+    assert sum(counted(t) for t in study.trials) == 5
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs["attempts"] == 1 for t in study.trials)
+    assert (seen[-1].done, seen[-1].in_flight, seen[-1].failed) == (5, 0, 0)
+    assert set(study.user_attrs["mergesearch.references"]) == {"base", "s0", "s1"}
+
+
+def test_serial_duplicates_are_told_their_first_trials_scores_and_cost_no_budget(families, tmp_path, no_ray):
+    config = config_for(families, tmp_path, sources=("s0", "s1", "s2"), budget={"n_trials": 3},
+                        space={"methods": ["passthrough"]}, sampler={"name": "random", "seed": 0})
+    study = serial_run(config)
+    evaluated = [t for t in study.trials if counted(t)]
+    duplicates = [t for t in study.trials if {"duplicate_of_hash", "duplicate_of"} & set(t.user_attrs)]
+    assert len(evaluated) == 3 and len({t.user_attrs["recipe_hash"] for t in evaluated}) == 3
+    assert duplicates and not any(counted(t) for t in duplicates)
+    first = {t.user_attrs["recipe_hash"]: t for t in evaluated}
+    for dup in duplicates:
+        original = first[dup.user_attrs["recipe_hash"]]
+        assert (dup.state, dup.values) == (TrialState.COMPLETE, original.values)
+        assert dup.user_attrs.get("duplicate_of", original.number) == original.number
+
+
+def test_serial_sampler_stuck_on_two_recipes_stops_and_says_why(families, tmp_path, no_ray):
+    config = config_for(families, tmp_path, budget={"n_trials": 4}, space={"methods": ["passthrough"]},
+                        sampler={"name": "random", "seed": 0})
+    seen: list[Progress] = []
+    study = serial_run(config, seen)
+    assert sum(counted(t) for t in study.trials) == 2
+    assert seen[-1].note.startswith(f"stopped early: the sampler proposed {MAX_DUPLICATES_IN_A_ROW} recipes")
+
+
+def test_serial_failing_candidate_fails_alone(families, tmp_path, no_ray):
+    """An evaluator that raises on `ties` candidates: those trials fail with the reason,
+    count against the budget, and every other candidate is scored."""
+    config = config_for(families, tmp_path, budget={"n_trials": 8}, sampler={"name": "random", "seed": 0},
+                        space={"methods": ["ties", "task_arithmetic"]},
+                        objectives=[{"name": "flaky", "evaluator": "flaky_evaluator:FlakyEvaluator",
+                                     "direction": "maximize"}])
+    study = serial_run(config)
+    by_method: dict[str, set] = {}
+    for t in study.trials:
+        if counted(t):
+            by_method.setdefault(t.user_attrs["recipe"]["method"], set()).add(t.state)
+    assert by_method == {"ties": {TrialState.FAIL}, "task_arithmetic": {TrialState.COMPLETE}}
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert all("RuntimeError: ties is not allowed here" in t.user_attrs["error"] for t in failed)
+    assert sum(counted(t) for t in study.trials) == 8
+
+
+def test_serial_resume_continues_to_a_raised_budget(families, tmp_path, no_ray):
+    config = config_for(families, tmp_path, budget={"n_trials": 2}, sampler={"name": "random", "seed": 0})
+    serial_run(config)
+    config.budget.n_trials = 4
+    seen: list[Progress] = []
+    study = serial_run(config, seen)
+    assert sum(counted(t) for t in study.trials) == 4
+    assert (seen[-1].done_at_start, seen[-1].done) == (2, 4)
+
+
 # ---- the search, on real Ray workers -------------------------------------------------------
 
 
@@ -252,6 +337,7 @@ def driver_pid(trial) -> int | None:
     return int(driver.split(":")[1]) if driver else None
 
 
+@pytest.mark.e2e
 def test_surviving_driver_takes_over_a_killed_co_drivers_trials_and_ends_on_the_budget(families, tmp_path):
     """Two drivers share a SQLite study; one is SIGKILLed with trials running. The other
     fails and re-queues them while it runs (not at a later start-up), re-runs them, and

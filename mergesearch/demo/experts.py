@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 
 from mergesearch.demo.skills import SKILLS, examples, random_answer
 from mergesearch.demo.tokenizer import char_tokenizer
+from mergesearch.errors import ConfigError
+from mergesearch.quiet import quiet_libraries
 
 NAMES = ("base", *SKILLS)
 STEPS = {"base": 150, "add": 900, "reverse": 260, "sort": 260}  # addition is the hardest skill
@@ -83,8 +84,6 @@ def resolve_model(ref: str) -> str:
         return ref
     name = ref.removeprefix("demo:")
     if name not in NAMES:
-        from mergesearch.config import ConfigError
-
         raise ConfigError(f"models: unknown demo model {ref!r}; known: "
                           + ", ".join(f"demo:{n}" for n in NAMES))
     return str(build_experts()[name])
@@ -122,7 +121,7 @@ def _build(root: Path, steps: int | None) -> None:
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         tmp.mkdir(0o777)
         try:
-            with _reproducible(), _quiet():
+            with _reproducible(), quiet_libraries():
                 _train_all(tmp, steps)
             if root.exists():
                 os.replace(root, tmp / "replaced")
@@ -162,30 +161,6 @@ def _reproducible() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         torch.set_default_dtype(dtype)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No progress bars, warnings or info from transformers / huggingface_hub while we
-    build and save: our own progress line says what is happening."""
-    import huggingface_hub.utils as hub
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hub_bars_off = hub.are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    hub.disable_progress_bars()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if not hub_bars_off:
-            hub.enable_progress_bars()
 
 
 @contextmanager

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mergesearch.evaluators.base import Evaluator
+from pydantic import Field, field_validator
+
+from mergesearch.evaluators.base import Evaluator, EvaluatorOptions
 from mergesearch.merging.architecture import layer_t
 from mergesearch.merging.engine import resolve_params
 from mergesearch.merging.registry import get_method
@@ -40,7 +42,23 @@ def kept_fraction(recipe: Recipe | None, engine: Any) -> float:
     return kept / total if total else 1.0
 
 
+class CostOptions(EvaluatorOptions):
+    """A cost objective: which cost (one so far)."""
+
+    metric: str | None = Field(None, description="kept_fraction (the default)")
+
+    @field_validator("metric")
+    @classmethod
+    def _offered(cls, v: str | None) -> str | None:
+        if v not in (None, "kept_fraction"):
+            raise ValueError("cost objectives offer kept_fraction")
+        return v
+
+
 class CostEvaluator(Evaluator):
+    direction = "minimize"  # fewer kept entries: a sparser, cheaper merge
+    Options = CostOptions
+
     def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
         self.engine = engine
 

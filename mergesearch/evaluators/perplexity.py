@@ -10,9 +10,11 @@ import math
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
+from mergesearch.config import DatasetSpec
 from mergesearch.errors import EvaluatorError
-from mergesearch.evaluators.base import Evaluator
+from mergesearch.evaluators.base import Evaluator, EvaluatorOptions
 
 
 def load_texts(spec: Any, root) -> list[str]:
@@ -33,31 +35,53 @@ def load_texts(spec: Any, root) -> list[str]:
     return [t for t in data[spec.text_field] if t]
 
 
+class PerplexityOptions(EvaluatorOptions):
+    """A perplexity objective: the texts, and how many of their tokens are scored."""
+
+    dataset: DatasetSpec | None = Field(None, description="The texts: a `datasets` dataset")
+    max_tokens: int = Field(16384, ge=1, description="Token budget for perplexity")
+    seq_len: int = Field(256, ge=2, description="Tokens per window")
+    batch_size: int = Field(16, ge=1, description="Windows per forward pass")
+
+    @model_validator(mode="after")
+    def _has_data(self) -> PerplexityOptions:
+        # Checked here rather than as a required field, for a message that says what to give.
+        if self.dataset is None:
+            raise ValueError("dataset: a perplexity objective needs a dataset")
+        return self
+
+
 class PerplexityEvaluator(Evaluator):
     partial = True  # the first windows
+    direction = "minimize"
+    Options = PerplexityOptions
+    options: PerplexityOptions
 
     def setup(self, model: Any, tokenizer: Any, engine: Any = None) -> None:
-        obj = self.objective
+        obj, opts = self.objective, self.options
         ids: list[int] = []
-        for text in load_texts(obj.dataset, self.config.root):
+        for text in load_texts(opts.dataset, self.config.root):
             ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
-            if len(ids) >= obj.max_tokens:
+            if len(ids) >= opts.max_tokens:
                 break
-        ids = ids[: obj.max_tokens]
-        n = len(ids) // obj.seq_len
+        ids = ids[: opts.max_tokens]
+        n = len(ids) // opts.seq_len
         if n == 0:
-            raise EvaluatorError(f"objectives.{obj.name}.dataset: fewer than seq_len={obj.seq_len} tokens")
+            raise EvaluatorError(f"objectives.{obj.name}.dataset: fewer than seq_len={opts.seq_len} tokens")
         device = next(model.parameters()).device
-        self.windows = torch.tensor(ids[: n * obj.seq_len], device=device).view(n, obj.seq_len)
+        self.windows = torch.tensor(ids[: n * opts.seq_len], device=device).view(n, opts.seq_len)
         self.model = model
+
+    def calibration_texts(self) -> list[str]:
+        return load_texts(self.options.dataset, self.config.root)
 
     @torch.no_grad()
     def measure(self, recipe: Any, fraction: float = 1.0) -> tuple[float, dict[str, float]]:
         windows = self.windows[: max(1, math.ceil(len(self.windows) * fraction))]
         per_window = []  # mean NLL of each window (all windows have seq_len tokens)
-        for batch in windows.split(self.objective.batch_size):
+        for batch in windows.split(self.options.batch_size):
             logits = self.model(input_ids=batch).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), batch[:, 1:], reduction="none")

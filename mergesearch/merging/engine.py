@@ -72,6 +72,8 @@ class KeptTensors(dict):
 
 
 def default_device() -> torch.device:
+    """CUDA when a GPU is visible, else the CPU: the one place the device is chosen.
+    ``CUDA_VISIBLE_DEVICES=""`` (a Ray worker given no GPU) makes no GPU visible."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -340,14 +342,15 @@ def resolve_params(method: MergeMethod, recipe: Recipe, inputs: list[SourceModel
     return out
 
 
-def load_live_model(model: str | Path, device: torch.device, dtype: str | None = None,
+def load_live_model(model: str | Path, device: str | torch.device | None = None, dtype: str | None = None,
                     trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model the candidates are written into: the base, loaded once, in eval mode.
-    Custom modelling code from the folder runs only with ``trust_remote_code``."""
+    """The model the candidates are written into: the base, loaded once, in eval mode, on
+    ``device`` (by default `default_device`). Custom modelling code from the folder runs
+    only with ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
 
     check_custom_code(Checkpoint.open(str(model)), trust_remote_code)
     live = AutoModelForCausalLM.from_pretrained(
         model, dtype=getattr(torch, dtype.removeprefix("torch.")) if dtype else "auto",
-        trust_remote_code=trust_remote_code).to(device)
+        trust_remote_code=trust_remote_code).to(device if device is not None else default_device())
     return live.eval()

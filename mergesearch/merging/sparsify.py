@@ -233,6 +233,11 @@ def della_max_epsilon(density: float) -> float:
     return min(density, 1 - density)
 
 
+def della_density_range(epsilon: float) -> tuple[float, float]:
+    """The open interval of densities below 1 that `della_max_epsilon` allows ``epsilon`` in."""
+    return epsilon, 1 - epsilon
+
+
 def della_in_range(density: float, epsilon: float) -> bool:
     """Whether DELLA's knobs obey its rule (`della_max_epsilon`); density 1 keeps all."""
     return density >= 1 or epsilon < della_max_epsilon(density)

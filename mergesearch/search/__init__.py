@@ -1,4 +1,5 @@
-"""The search: study and storage, Ray workers, the ask/tell runner, the front, export."""
+"""The search: study and storage, worker pools (Ray or in-process), the ask/tell runner, the
+front, export."""
 
 from mergesearch.search.export import export_trial, trial_recipe
 from mergesearch.search.front import (
@@ -9,12 +10,14 @@ from mergesearch.search.front import (
     plot_front,
     study_hypervolume,
 )
+from mergesearch.search.pool import RayPool, SerialPool, WorkerDied, WorkerPool
 from mergesearch.search.runner import Progress, Runner
 from mergesearch.search.study import RunRef, create_or_load, open_storage, recover_orphans
-from mergesearch.search.worker import CandidateWorker, resolve_models
+from mergesearch.search.worker import CandidateResult, CandidateWorker, resolve_models
 
 __all__ = [
-    "CandidateWorker", "Progress", "RunRef", "Runner", "choose", "create_or_load", "export_trial",
-    "front_rows", "hypervolume", "open_storage", "pareto_front", "plot_front", "recover_orphans",
+    "CandidateResult", "CandidateWorker", "Progress", "RayPool", "RunRef", "Runner", "SerialPool",
+    "WorkerDied", "WorkerPool", "choose", "create_or_load", "export_trial", "front_rows",
+    "hypervolume", "open_storage", "pareto_front", "plot_front", "recover_orphans",
     "resolve_models", "study_hypervolume", "trial_recipe",
 ]

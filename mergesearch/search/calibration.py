@@ -3,9 +3,10 @@ model in ``<run_dir>/fisher/``, computed once (by the driver, before the workers
 and read by every worker and by export.
 
 Calibration texts come from ``fisher.dataset`` when given, else from the objectives' own
-data: lm-eval tasks' training documents (else validation, else the test documents past
-the objective's ``limit``, which it never scores), written as the prompt followed by its
-correct answer; perplexity objectives' datasets.
+data, as each evaluator offers it (`Evaluator.calibration_texts`): lm-eval tasks' training
+documents (else validation, else the test documents past the objective's ``limit``, which
+it never scores), written as the prompt followed by its correct answer; perplexity
+objectives' datasets.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import torch
 
 from mergesearch.config import Config
 from mergesearch.errors import EvaluatorError
+from mergesearch.evaluators import build_evaluators
+from mergesearch.evaluators.perplexity import load_texts
+from mergesearch.merging.engine import default_device
+from mergesearch.merging.fisher_info import cached_fisher, load_fisher
+from mergesearch.merging.registry import all_methods
 
 
 def uses_fisher(config: Config) -> bool:
-    from mergesearch.merging.registry import all_methods
-
     methods = all_methods()
     return any("fisher" in methods[m].needs for m in config.space.methods)
 
@@ -29,11 +33,9 @@ def uses_fisher(config: Config) -> bool:
 def calibration_texts(config: Config) -> list[str]:
     spec = config.fisher
     if spec.dataset is not None:
-        from mergesearch.evaluators.perplexity import load_texts
-
         texts = load_texts(spec.dataset, config.root)
     else:
-        streams = [_objective_texts(config, o) for o in config.objectives]
+        streams = [ev.calibration_texts() for ev in build_evaluators(config)]
         texts = [t for group in zip(*streams) for t in group]  # round robin over objectives
         longest = max(streams, key=len, default=[])
         texts += longest[len(texts) // max(len(streams), 1):]
@@ -41,42 +43,6 @@ def calibration_texts(config: Config) -> list[str]:
     if not texts:
         raise EvaluatorError("fisher: no calibration texts; set fisher.dataset")
     return texts
-
-
-def _objective_texts(config: Config, objective: Any) -> list[str]:
-    if objective.evaluator == "perplexity":
-        from mergesearch.evaluators.perplexity import load_texts
-
-        return load_texts(objective.dataset, config.root)
-    if objective.evaluator != "lm_eval":
-        return []
-    from mergesearch.evaluators.lm_eval import task_manager
-
-    manager = task_manager(tuple(config.include_paths()), config.lm_eval.include_defaults)
-    texts: list[str] = []
-    for task in manager.load(list(objective.tasks))["tasks"].values():
-        if task.has_training_docs():
-            docs = list(task.training_docs())
-        elif task.has_validation_docs():
-            docs = list(task.validation_docs())
-        else:
-            docs = list(task.test_docs())
-            limit = objective.limit
-            if limit is not None:  # skip the documents the objective scores
-                scored = int(limit) if limit >= 1 else int(-(-len(docs) * limit // 1))
-                docs = docs[scored:]
-        texts.extend(_document_text(task, d) for d in docs)
-    return texts
-
-
-def _document_text(task: Any, doc: dict) -> str:
-    prompt, target = task.doc_to_text(doc), task.doc_to_target(doc)
-    if task.get_config("output_type") == "multiple_choice":
-        choices = task.doc_to_choice(doc)
-        target = choices[target] if isinstance(target, int) else target
-    if isinstance(target, list):
-        target = target[0] if target else ""
-    return f"{prompt}{task.get_config('target_delimiter') or ''}{target}"
 
 
 def calibration_examples(config: Config, tokenizer: Any) -> list[list[int]]:
@@ -88,8 +54,6 @@ def fisher_files(config: Config, models: list[str], device: str | torch.device |
     """Each model's Fisher cache file, computed where missing (one model at a time)."""
     from transformers import AutoTokenizer
 
-    from mergesearch.merging.engine import default_device
-    from mergesearch.merging.fisher_info import cached_fisher
 
     trust = config.models.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(models[0], trust_remote_code=trust)
@@ -100,7 +64,5 @@ def fisher_files(config: Config, models: list[str], device: str | torch.device |
 
 def attach_fisher(config: Config, engine: Any) -> None:
     """Load (computing first where needed) every model's Fisher into ``engine``."""
-    from mergesearch.merging.fisher_info import load_fisher
-
     files = fisher_files(config, engine.models, engine.device)
     engine.attach_fisher({m: load_fisher(f, engine.device) for m, f in files.items()})

@@ -9,10 +9,15 @@ from optuna.trial import FrozenTrial
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
+from mergesearch.merging import Checkpoint
+from mergesearch.merging.build import open_live, write_merged
+from mergesearch.merging.card import model_card
 from mergesearch.merging.mergekit import to_mergekit_yaml
 from mergesearch.merging.output import new_file
 from mergesearch.merging.registry import get_method
 from mergesearch.recipe import Recipe, RecipeError
+from mergesearch.search.calibration import attach_fisher
+from mergesearch.search.worker import resolve_models
 
 
 def trial_recipe(trial: FrozenTrial) -> Recipe:
@@ -40,23 +45,7 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
         except RecipeError:  # a method mergekit lacks: no stale mergekit.yaml either
             staged.append((None, out / "mergekit.yaml"))
         if save_model:
-            from mergesearch.merging import MergeEngine, load_live_model
-            from mergesearch.merging import save_model as write_model
-
-            sources = [s for s in dict.fromkeys([*recipe.source_names()]) if s != recipe.base_model]
-            base = recipe.base_model or _config_base(config)
-            engine = MergeEngine(base, [s for s in sources if s != base])
-            if "fisher" in get_method(recipe.method).needs:
-                from mergesearch.search.calibration import attach_fisher
-
-                attach_fisher(config, engine)
-            model = load_live_model(engine.base.path, engine.device, recipe.dtype or config.models.dtype,
-                                    trust_remote_code=config.models.trust_remote_code)
-            engine.merge_into(model, recipe)
-            from mergesearch.merging.card import model_card
-
-            card = model_card(recipe, out.name, trial=trial.number, scores=trial.user_attrs.get("scores"))
-            write_model(model, out / "model", tokenizer_from=engine.base.path, recipe=recipe, card=card)
+            _write_model(config, trial, recipe, out)
         while staged:
             tmp, target = staged.pop(0)
             if tmp is None:
@@ -73,17 +62,26 @@ def export_trial(config: Config, trial: FrozenTrial, out: str | Path, save_model
     return out
 
 
-def _config_base(config: Config) -> str:
-    from mergesearch.search.worker import resolve_models
+def _write_model(config: Config, trial: FrozenTrial, recipe: Recipe, out: Path) -> None:
+    """The merged model the trial scored, with its model card, to ``out / "model"``."""
+    sources = [s for s in dict.fromkeys(recipe.source_names()) if s != recipe.base_model]
+    base = recipe.base_model or _config_base(config)
+    engine, model = open_live(base, [s for s in sources if s != base],
+                              dtype=recipe.dtype or config.models.dtype,
+                              trust_remote_code=config.models.trust_remote_code)
+    if "fisher" in get_method(recipe.method).needs:
+        attach_fisher(config, engine)
+    card = model_card(recipe, out.name, trial=trial.number, scores=trial.user_attrs.get("scores"))
+    write_merged(engine, model, recipe, out / "model", card=card)
 
+
+def _config_base(config: Config) -> str:
     return resolve_models(config)[0]
 
 
 def _model_dtype(config: Config, recipe: Recipe) -> str:
     """The dtype of the model the study scored: the recipe's, the config's, else the base's
     as stored (what transformers' ``dtype="auto"`` loads)."""
-    from mergesearch.merging import Checkpoint
-
     if recipe.dtype or config.models.dtype:
         return str(recipe.dtype or config.models.dtype).removeprefix("torch.")
     base = Checkpoint.open(recipe.base_model or _config_base(config)).config

@@ -1,4 +1,4 @@
-"""The driver: asynchronous ask/tell over a pool of Ray workers.
+"""The driver: asynchronous ask/tell over a pool of workers.
 
 Every worker is kept busy: each holds one candidate running and one queued, so it starts
 the next as soon as it finishes, while the driver tells the result and asks a new trial;
@@ -7,13 +7,15 @@ its recipe, scores, timings, worker and error. A dead worker is replaced and its
 retried a bounded number of times; an identical recipe is never evaluated twice, and its
 trial costs nothing of the budget. A dead co-driver's trials are taken over while the
 study runs.
+
+`Runner.run` reads as its steps: `_prepare` (everything a user can get wrong, before any
+worker starts), the pool (Ray actors by default, `SerialPool` in-process), `_open_study`,
+the `_TrialLoop`, and the shut-down. The loop sees the workers only through `WorkerPool`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import re
 import signal
 import threading
 import time
@@ -25,15 +27,26 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from mergesearch.config import Config
-from mergesearch.errors import StudyError
+from mergesearch.config import Config, parse_config
+from mergesearch.evaluators import check_objectives
+from mergesearch.merging import Checkpoint, check_compatible
+from mergesearch.merging.checkpoint import check_custom_code
 from mergesearch.recipe import Recipe
 from mergesearch.search.calibration import fisher_files, uses_fisher
-from mergesearch.search.cluster import start_ray, worker_env
-from mergesearch.search.front import REFERENCES_ATTR
-from mergesearch.search.samplers import build_sampler, needs_flat_space
-from mergesearch.search.study import Driver, counted, create_or_load, is_duplicate, recover_orphans
-from mergesearch.search.worker import ray_worker_class, resolve_models
+from mergesearch.search.cluster import start_ray
+from mergesearch.search.front import REFERENCES_ATTR, pareto_front
+from mergesearch.search.pool import RayPool, WorkerDied, WorkerPool
+from mergesearch.search.samplers import build_sampler, check_sampler, needs_flat_space
+from mergesearch.search.study import (
+    Driver,
+    check_storage,
+    counted,
+    create_or_load,
+    is_duplicate,
+    recover_orphans,
+)
+from mergesearch.search.worker import CandidateResult, resolve_models
+from mergesearch.spaces import SearchSpace
 
 # Candidates held per worker: one running and one queued behind it, which hides the
 # driver's ask/tell/storage time from the workers.
@@ -46,6 +59,9 @@ FRONT_EVERY_S = 1.0
 # spin forever, since duplicates do not use the budget. The chance that a random sampler
 # misses the last new recipe of a space of 20 this many times running is 0.6%.
 MAX_DUPLICATES_IN_A_ROW = 100
+
+# Makes the workers for a run: (config, base, sources) -> a started pool.
+PoolFactory = Callable[[Config, str, dict[str, str]], WorkerPool]
 
 
 @dataclass
@@ -78,11 +94,9 @@ class _InFlight:
     recipe: Recipe
     worker: int
     attempts: int = 1
-    actor: Any = None
     submitted: float = 0.0
     fraction: float = 1.0  # of each objective's examples this pass scores
-    seq: int = 0  # submission order (an actor runs its calls in this order)
-    low: dict | None = None  # the first pass's result, once promoted to the full set
+    low: CandidateResult | None = None  # the first pass's result, once promoted to the full set
 
 
 class Scored:
@@ -117,18 +131,18 @@ class Scored:
     def fidelity(self, h: str) -> dict[str, float]:
         return {"fidelity": self.partial[h]} if h in self.partial else {}
 
-    def promote(self, result: dict) -> bool:
+    def promote(self, result: CandidateResult) -> bool:
         """Whether a first-pass result goes on to the full set: unless a full-fidelity
         point dominates its scores moved ``margin`` standard errors towards better."""
-        fractions = result["fraction"]
+        fractions = result.fraction
         if all(f >= 1 for f in fractions.values()):
             return False  # nothing was scored on a subset: this is the full score
         optimistic = []
         for o, sign in zip(self.objectives, self.sign):
-            se = result["stderr"].get(o)
+            se = result.stderr.get(o)
             if se is None and fractions[o] < 1:
                 return True  # no error bar: it cannot be ruled out
-            optimistic.append(sign * result["values"][o] + self.margin * (se or 0.0))
+            optimistic.append(sign * result.values[o] + self.margin * (se or 0.0))
         if not self._full:
             return True
         front, point = np.array(self._full), np.array(optimistic)
@@ -136,86 +150,62 @@ class Scored:
 
 
 class Runner:
+    """Runs (or continues) the search a config describes. ``pool`` makes the workers
+    (default: Ray actors on a Ray started or joined here; `SerialPool` scores in-process)."""
+
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None,
-                 setup_timeout_s: float = 600.0):
+                 setup_timeout_s: float = 600.0, pool: PoolFactory | None = None):
         self.config = config
         self.on_progress = on_progress or (lambda p: None)
         self.setup_timeout_s = setup_timeout_s
-        self.objectives = [o.name for o in config.objectives]
+        self.make_pool: PoolFactory = pool or self._ray_pool
         self.fisher: dict[str, str] | None = None  # model -> Fisher cache file, for `fisher`
-        self._front_due = 0.0  # when the progress line's front is next recomputed
-        self._submissions = itertools.count()
-
-    # ---- workers ----------------------------------------------------------------------
-
-    def _spawn(self, index: int):
-        w = self.config.workers
-        env = worker_env()
-        if not w.gpus_per_worker:  # else Ray lets a GPU-less actor see every GPU
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        actor = ray_worker_class().options(
-            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
-            runtime_env={"env_vars": env}, name=None,
-        ).remote(self.config.snapshot(), self.base, self.sources,
-                 threads=max(1, int(w.cpus_per_worker)), fisher=self.fisher)
-        return actor
-
-    def _start_workers(self) -> None:
-        import ray
-
-        w = self.config.workers
-        available = ray.cluster_resources()
-        if w.count * w.gpus_per_worker > available.get("GPU", 0) + 1e-9:
-            raise StudyError(
-                f"workers: {w.count} workers x {w.gpus_per_worker} GPUs requested, the Ray cluster "
-                f"has {available.get('GPU', 0):g} GPUs")
-        self.workers = [self._spawn(i) for i in range(w.count)]
-        try:
-            self.worker_info = ray.get([a.info.remote() for a in self.workers],
-                                       timeout=self.setup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise StudyError(
-                f"workers: not started within {self.setup_timeout_s:g} s; the Ray cluster offers "
-                f"{ {k: v for k, v in available.items() if k in ('CPU', 'GPU')} }") from None
-        except ray.exceptions.RayActorError as e:
-            raise StudyError(f"workers: set-up failed: {_actor_cause(e)}") from None
-
-    # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> optuna.Study:
-        import ray
+        space = self._prepare()
+        self.pool = self.make_pool(self.config, self.base, self.sources)
+        try:
+            self._load_fisher()
+            study, driver = self._open_study()
+            try:
+                self._search(study, space, driver)
+            finally:
+                driver.stop()
+        finally:
+            self.pool.close()
+        return study
 
-        from mergesearch.config import parse_config
-        from mergesearch.merging import Checkpoint, check_compatible
-        from mergesearch.merging.checkpoint import check_custom_code
-        from mergesearch.search.study import check_storage
-        from mergesearch.spaces import SearchSpace
-
-        # Everything a user can get wrong is refused before the study is touched: the
-        # config as the workers will read it (a value set after loading included), the
-        # models, the space and the storage here, before Ray starts; the tasks and
-        # metrics by the workers' set-up.
+    def _prepare(self) -> SearchSpace:
+        """Refuse everything a user can get wrong before any worker starts: the config as
+        the workers will read it (a value set after loading included), the models, the
+        space and the storage. The tasks and metrics are checked by the workers' set-up."""
         parse_config(self.config.snapshot(), source="config", root=self.config.root)
+        check_objectives(self.config)  # evaluators' options; unset directions filled in
+        check_sampler(self.config)
         self.base, self.sources = resolve_models(self.config)
         base = Checkpoint.open(self.base)
         check_custom_code(base, self.config.models.trust_remote_code)
         check_compatible(base, [Checkpoint.open(p) for p in self.sources.values()])
         space = SearchSpace(self.config.space, self.base, self.sources, base.num_layers,
                             seed=self.config.seed, flat=needs_flat_space(self.config))
-        check_storage(self.config)
-        start_ray(self.config)
-        self._start_workers()
-        try:
-            if uses_fisher(self.config):  # computed once, here, after the tasks were checked
-                files = fisher_files(self.config, [self.base, *self.sources.values()])
-                self.fisher = {m: str(f) for m, f in files.items()}
-                ray.get([a.load_fisher.remote(self.fisher) for a in self.workers])
-            study = create_or_load(self.config)
-        except BaseException:
-            for a in self.workers:
-                ray.kill(a, no_restart=True)
-            raise
-        self.study = study
+        self.storage = check_storage(self.config)  # opened once: create_or_load reuses it
+        return space
+
+    def _ray_pool(self, config: Config, base: str, sources: dict[str, str]) -> RayPool:
+        start_ray(config)
+        return RayPool(config, base, sources, setup_timeout_s=self.setup_timeout_s)
+
+    def _load_fisher(self) -> None:
+        """Computed once, here, after the workers' set-up has checked the tasks."""
+        if uses_fisher(self.config):
+            files = fisher_files(self.config, [self.base, *self.sources.values()])
+            self.fisher = {m: str(f) for m, f in files.items()}
+            self.pool.load_fisher(self.fisher)
+
+    def _open_study(self) -> tuple[optuna.Study, Driver]:
+        """The study, created or continued, with a dead driver's trials re-queued, this
+        process registered as a driver, the sampler and the reference scores."""
+        study = self.study = create_or_load(self.config, self.storage)
         recover_orphans(study)
         driver = Driver(study)
         # A resumed sampler is seeded past the trials it has seen, and a driver joining
@@ -223,11 +213,14 @@ class Runner:
         study.sampler = build_sampler(self.config, offset=len(study.trials) + 7919 * driver.rank())
         if REFERENCES_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCES_ATTR, self._score_references())
+        return study, driver
 
+    def _search(self, study: optuna.Study, space: SearchSpace, driver: Driver) -> None:
         stop = threading.Event()  # set by the first Ctrl-C
+        loop = _TrialLoop(self.config, study, space, driver, self.pool, stop, self.on_progress)
         try:
             with _sigint_sets(stop):
-                _TrialLoop(self, study, space, driver, stop).run()
+                loop.run()
             if stop.is_set():
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -237,89 +230,43 @@ class Runner:
             driver.stop()
             recover_orphans(study, reason="Ctrl-C")
             raise
-        finally:
-            driver.stop()
-            for a in self.workers:
-                ray.kill(a, no_restart=True)
-        return study
 
     def _score_references(self) -> dict[str, dict[str, float]]:
         """Scores of the base and of each source alone: the plot's landmarks and the
         hypervolume's reference point."""
-        import ray
-
-        jobs = {"base": None}
+        jobs: dict[str, Recipe | None] = {"base": None}
         for alias, path in self.sources.items():
-            jobs[alias] = Recipe(method="passthrough", models=[{"model": path}]).model_dump_json()
-        refs = {name: self.workers[i % len(self.workers)].evaluate.remote(rj)
-                for i, (name, rj) in enumerate(jobs.items())}
+            jobs[alias] = Recipe(method="passthrough", models=[{"model": path}])
+        handles = {name: self.pool.submit(i % self.pool.size, recipe)
+                   for i, (name, recipe) in enumerate(jobs.items())}
         scores = {}
-        for name, ref in refs.items():
+        for name, handle in handles.items():
             try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError:  # replaced; the landmark is skipped
-                i = next(i for i, n in enumerate(refs) if n == name) % len(self.workers)
-                self.workers[i] = self._spawn(i)
+                result = self.pool.result(handle)
+            except WorkerDied:  # the pool replaced the worker; the landmark is skipped
                 continue
-            if not result.get("error"):
-                scores[name] = result["values"]
+            if not result.error:
+                scores[name] = result.values
         return scores
 
-    def _submit(self, in_flight: dict, job: _InFlight) -> None:
-        job.seq = next(self._submissions)
-        job.submitted = time.time()
-        job.actor = self.workers[job.worker]
-        # A second, full-fidelity pass skips the objectives the first pass scored in full.
-        skip = tuple(o for o, f in (job.low or {}).get("fraction", {}).items() if f >= 1)
-        ref = job.actor.evaluate.remote(job.recipe.model_dump_json(), job.fraction, skip)
-        in_flight[ref] = job
 
-    def _record(self, job: _InFlight, result: dict, finish, scored: Scored, waiting_on) -> None:
-        first = job.low or {}  # a promoted candidate's first pass
-        timings = {**{f"first_{k}": v for k, v in first.get("timings", {}).items()},
-                   **result.get("timings", {})}
-        attrs = {
-            "worker": result.get("worker"),
-            "node": result.get("node"),
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "metrics": {**first.get("metrics", {}), **result.get("metrics", {})},
-            "examples": first.get("examples", 0) + result.get("examples", 0),
-            "attempts": job.attempts,
-            "wall_s": round(time.time() - job.submitted, 4),
-        }
-        h = job.recipe.hash()
-        if result.get("error"):
-            attrs["error"] = result["error"]
-            finish(job.trial, None, attrs)
-            values = None
-        else:
-            values = {**first.get("values", {}), **result["values"]}
-            fidelity = min({**first.get("fraction", {}), **result.get("fraction", {})}.values(), default=1.0)
-            attrs["scores"] = values
-            if first:
-                attrs["first_scores"] = first["values"]
-            if first or fidelity < 1:
-                attrs["fidelity"] = fidelity
-            finish(job.trial, values, attrs)
-            scored.add(h, values, fidelity)
-        for dup in waiting_on.pop(h, []):
-            extra = {"duplicate_of": job.trial.number, **scored.fidelity(h)}
-            if values is None:
-                extra["error"] = f"duplicate of failed trial {job.trial.number}"
-            finish(dup, values, extra, counts=False)
+class FrontTracker:
+    """The front's size and best values for the progress line, recomputed at most every
+    `FRONT_EVERY_S` and never taking more than a tenth of the driver's time."""
 
-    def _update_front(self, study: optuna.Study, progress: Progress, force: bool = False) -> None:
-        from mergesearch.search.front import pareto_front
+    def __init__(self, config: Config):
+        self.objectives = config.objectives
+        self._due = 0.0  # when the front is next recomputed
 
+    def update(self, study: optuna.Study, progress: Progress, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now < self._front_due:
+        if not force and now < self._due:
             return
         front = pareto_front(study)
-        took = time.perf_counter() - now
-        self._front_due = now + max(FRONT_EVERY_S, 10 * took)
+        self._due = now + max(FRONT_EVERY_S, 10 * (time.perf_counter() - now))
         progress.front_size = len(front)
         best = {}
-        for i, o in enumerate(self.config.objectives):
+        for i, o in enumerate(self.objectives):
             vals = [t.values[i] for t in front]
             if vals:
                 best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
@@ -337,46 +284,47 @@ class _TrialLoop:
     other driver holds a running trial, so the drivers together end on exactly the budget
     whichever of them dies."""
 
-    def __init__(self, runner: Runner, study: optuna.Study, space, driver: Driver, stop: threading.Event):
-        self.runner, self.study, self.space, self.driver, self.stop = runner, study, space, driver, stop
-        budget = runner.config.budget
-        self.budget = budget.n_trials
-        self.deadline = time.time() + budget.timeout if budget.timeout else None
+    def __init__(self, config: Config, study: optuna.Study, space: SearchSpace, driver: Driver,
+                 pool: WorkerPool, stop: threading.Event,
+                 on_progress: Callable[[Progress], None] = lambda p: None):
+        self.study, self.space, self.driver, self.pool, self.stop = study, space, driver, pool, stop
+        self.on_progress = on_progress
+        self.objectives = [o.name for o in config.objectives]
+        self.max_retries = config.workers.max_retries
+        self.budget = config.budget.n_trials
+        self.deadline = time.time() + config.budget.timeout if config.budget.timeout else None
         trials = study.get_trials(deepcopy=False)
-        self.scored = Scored(runner.config)
+        self.scored = Scored(config)
         for t in trials:
             self.scored.add_trial(t)
         self.done = self.used = sum(counted(t) for t in trials)
         self.progress = Progress(total=self.budget, done=self.done, done_at_start=self.done, failed=sum(
             t.state == TrialState.FAIL and counted(t) for t in trials))
+        self.front = FrontTracker(config)
         self.others_running = 0  # running trials of other drivers, as the storage last showed
         self.duplicates_in_a_row = 0
-        self.in_flight: dict[Any, _InFlight] = {}
+        self.in_flight: dict[Any, _InFlight] = {}  # pool handle -> its trial, in submission order
         self.waiting_on: dict[str, list[optuna.trial.Trial]] = {}  # hash -> duplicate trials
-        self.idle = list(range(len(runner.workers))) * SLOTS_PER_WORKER  # free slots, by worker
-        self.ran_on_dead: dict[int, tuple[Any, int]] = {}  # dead actor -> (it, the submission it ran)
+        self.idle = list(range(pool.size)) * SLOTS_PER_WORKER  # free slots, by worker
 
     def run(self) -> None:
-        import ray
-
         while not self.stop.is_set():
             if self.driver.beat():
                 self.refresh()
             self.fill()
             self.progress.in_flight = len(self.in_flight)
-            self.runner.on_progress(self.progress)
+            self.on_progress(self.progress)
             if not self.in_flight:
                 if not self.wait_for_others():
                     break
                 continue
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
+            for handle in self.pool.wait(list(self.in_flight), timeout=1.0):
                 if self.stop.is_set():  # a result cut short by Ctrl-C is not recorded
                     break
-                self.collect(ref)
-                self.runner._update_front(self.study, self.progress)
-        self.runner._update_front(self.study, self.progress, force=True)
-        self.runner.on_progress(self.progress)
+                self.collect(handle)
+                self.front.update(self.study, self.progress)
+        self.front.update(self.study, self.progress, force=True)
+        self.on_progress(self.progress)
 
     # ---- the budget -------------------------------------------------------------------
 
@@ -444,8 +392,7 @@ class _TrialLoop:
                 self.duplicate(trial, h)
                 continue
             self.duplicates_in_a_row = 0
-            self.runner._submit(self.in_flight, _InFlight(trial, recipe, self.idle.pop(),
-                                                          fraction=scored.first_fraction))
+            self.submit(_InFlight(trial, recipe, self.idle.pop(), fraction=scored.first_fraction))
 
     def duplicate(self, trial: optuna.trial.Trial, h: str) -> None:
         """A recipe already scored (told its scores now) or in flight (told them when they
@@ -473,43 +420,78 @@ class _TrialLoop:
             self.study.tell(trial, state=TrialState.FAIL)
             self.progress.failed += counts
         else:
-            self.study.tell(trial, [values[o] for o in self.runner.objectives])
+            self.study.tell(trial, [values[o] for o in self.objectives])
         self.done += counts
         self.progress.done = self.done
 
-    def collect(self, ref) -> None:
+    def submit(self, job: _InFlight) -> None:
+        job.submitted = time.time()
+        # A second, full-fidelity pass skips the objectives the first pass scored in full.
+        skip = tuple(o for o, f in (job.low.fraction if job.low else {}).items() if f >= 1)
+        self.in_flight[self.pool.submit(job.worker, job.recipe, job.fraction, skip)] = job
+
+    def collect(self, handle) -> None:
         """Record one result; a dead worker's candidate is retried on its replacement,
         and a promising first-pass score is scored again on the full set."""
-        import ray
-
-        runner, job = self.runner, self.in_flight.pop(ref)
+        job = self.in_flight.pop(handle)
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            # The worker died (killed, OOM-killed, node lost): replace it and
-            # retry this trial on the new one, a bounded number of times.
-            if runner.workers[job.worker] is job.actor:  # not yet replaced
-                runner.workers[job.worker] = runner._spawn(job.worker)
-            # An actor runs its calls in order: of the candidates it held,
-            # only the first submitted was running. The one queued behind
-            # it never ran, and goes to the new worker without a charge.
-            if id(job.actor) not in self.ran_on_dead:  # the handle is kept: ids stay unique
-                self.ran_on_dead[id(job.actor)] = (job.actor, min(
-                    [job.seq, *(j.seq for j in self.in_flight.values() if j.actor is job.actor)]))
-            running = job.seq == self.ran_on_dead[id(job.actor)][1]
-            if not running or job.attempts <= runner.config.workers.max_retries:
-                job.attempts += running
-                runner._submit(self.in_flight, job)
+            result = self.pool.result(handle)
+        except WorkerDied as e:
+            # The worker died (killed, OOM-killed, node lost) and was replaced: retry this
+            # trial on the new one, a bounded number of times. A candidate queued behind
+            # the one running never ran, and goes to the new worker without a charge.
+            if not e.running or job.attempts <= self.max_retries:
+                job.attempts += e.running
+                self.submit(job)
                 return
             times = "time" if job.attempts == 1 else "times"
-            result = {"error": f"worker died {job.attempts} {times}: {_actor_cause(e)}",
-                      "values": {}, "metrics": {}, "timings": {}, "worker": None}
-        if job.fraction < 1 and not result.get("error") and self.scored.promote(result):
+            result = CandidateResult(error=f"worker died {job.attempts} {times}: {e.cause}")
+        if job.fraction < 1 and not result.error and self.scored.promote(result):
             job.low, job.fraction = result, 1.0  # the full set, same slot
-            runner._submit(self.in_flight, job)
+            self.submit(job)
             return
         self.idle.append(job.worker)
-        runner._record(job, result, self.finish, self.scored, self.waiting_on)
+        self.record(job, result)
+
+    def record(self, job: _InFlight, result: CandidateResult) -> None:
+        """Tell the trial its scores (or its failure), and its duplicates the same."""
+        attrs = _trial_attrs(job, result)
+        h = job.recipe.hash()
+        if result.error:
+            attrs["error"] = result.error
+            self.finish(job.trial, None, attrs)
+            values = None
+        else:
+            first = job.low or CandidateResult()  # a promoted candidate's first pass
+            values = {**first.values, **result.values}
+            fidelity = min({**first.fraction, **result.fraction}.values(), default=1.0)
+            attrs["scores"] = values
+            if job.low:
+                attrs["first_scores"] = first.values
+            if job.low or fidelity < 1:
+                attrs["fidelity"] = fidelity
+            self.finish(job.trial, values, attrs)
+            self.scored.add(h, values, fidelity)
+        for dup in self.waiting_on.pop(h, []):
+            extra = {"duplicate_of": job.trial.number, **self.scored.fidelity(h)}
+            if values is None:
+                extra["error"] = f"duplicate of failed trial {job.trial.number}"
+            self.finish(dup, values, extra, counts=False)
+
+
+def _trial_attrs(job: _InFlight, result: CandidateResult) -> dict[str, Any]:
+    """What a trial records of where and how it ran, both passes of a promoted one summed."""
+    first = job.low or CandidateResult()
+    timings = {**{f"first_{k}": v for k, v in first.timings.items()}, **result.timings}
+    return {
+        "worker": result.worker,
+        "node": result.node,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "metrics": {**first.metrics, **result.metrics},
+        "examples": first.examples + result.examples,
+        "attempts": job.attempts,
+        "wall_s": round(time.time() - job.submitted, 4),
+    }
 
 
 def uses_budget(trial: optuna.trial.FrozenTrial) -> bool:
@@ -534,12 +516,3 @@ def _sigint_sets(stop: threading.Event):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _actor_cause(e: Exception) -> str:
-    cause = getattr(e, "cause", None) or e
-    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
-    # Ray prefixes the remote traceback; the last line carries the original error.
-    last = lines[-1].strip() if lines else e.__class__.__name__
-    # Our own errors need no class name: they say which field or file is wrong.
-    return re.sub(r"^mergesearch(\.\w+)+: ", "", last)

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.config import Config, mask_password, parse_config
 from mergesearch.errors import StudyError
+from mergesearch.evaluators import check_objectives
 from mergesearch.files import read_text
 
 CONFIG_ATTR = "mergesearch.config"
@@ -121,13 +122,15 @@ def _write_ahead_log(engine) -> None:
 
 
 def directions(config: Config) -> list[str]:
-    return [o.direction for o in config.objectives]
+    """Each objective's direction; where the config leaves one unset, its evaluator's."""
+    return [o.direction for o in check_objectives(config).objectives]
 
 
-def create_or_load(config: Config) -> optuna.Study:
+def create_or_load(config: Config, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the study (storing the config snapshot), or load it if it exists and its
-    objectives match; refuse a study whose objectives differ."""
-    storage = open_storage(config.storage_url)
+    objectives match; refuse a study whose objectives differ. ``storage``: the config's,
+    opened already (by `check_storage`)."""
+    storage = storage or open_storage(config.storage_url)
     names = [o.name for o in config.objectives]
     try:
         study = optuna.load_study(study_name=config.study.name, storage=storage)
@@ -136,7 +139,7 @@ def create_or_load(config: Config) -> optuna.Study:
             study = optuna.create_study(study_name=config.study.name, storage=storage,
                                         directions=directions(config))
         except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now
-            return create_or_load(config)
+            return create_or_load(config, storage)
         with warnings.catch_warnings():  # experimental in Optuna, stable enough for names
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
@@ -147,24 +150,26 @@ def create_or_load(config: Config) -> optuna.Study:
     return study
 
 
-def check_storage(config: Config) -> None:
+def check_storage(config: Config) -> optuna.storages.BaseStorage | None:
     """Refuse, before any worker starts, a storage the run could not use: a run folder or
     storage file that cannot be created, a server that cannot be reached, a study of this
     name with other objectives. A new SQLite or journal file is not created here, so that
     a config refused later (by the workers' set-up) leaves nothing behind: its folder is
-    checked instead."""
+    checked instead. Returns the storage it opened (None where it opened none), for
+    `create_or_load`."""
     _check_creatable(config.run_dir, "study.run_dir")
     url = config.storage_url
     path = storage_file(url)
     if path is not None and not path.exists():
         _check_creatable(path.parent, "study.storage")
-        return
+        return None
     storage = open_storage(url)
     try:
         study = optuna.load_study(study_name=config.study.name, storage=storage)
     except KeyError:
-        return
+        return storage
     _check_objectives(study, config)
+    return storage
 
 
 def _check_creatable(folder: Path, field: str) -> None:

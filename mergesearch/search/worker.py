@@ -1,9 +1,9 @@
 """The worker: resident weights, a live model and set-up evaluators; recipes in, scores out.
 
 `CandidateWorker` is a plain class, so the same code scores candidates in-process
-(`mergesearch eval`, export checks, tests) and inside a Ray actor (`RayWorker`). Any
-failure of one candidate (an exception, NaN, out of memory) is returned as data with its
-reason; the worker stays usable.
+(`mergesearch eval`, export checks, tests, `SerialPool`) and inside a Ray actor
+(`RayPool`). Any failure of one candidate (an exception, NaN, out of memory) is returned
+as data with its reason, in a `CandidateResult`; the worker stays usable.
 """
 
 from __future__ import annotations
@@ -11,27 +11,44 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergesearch.config import Config, parse_config
+from mergesearch.evaluators import build_evaluators
+from mergesearch.merging.build import open_live
+from mergesearch.merging.fisher_info import load_fisher
+from mergesearch.merging.references import resolve_reference
+from mergesearch.quiet import quiet_libraries
 from mergesearch.recipe import Recipe
 
 
+@dataclass
+class CandidateResult:
+    """What scoring one candidate gave: per objective its value, standard error (None where
+    the evaluator gives none) and the fraction of its examples scored; the metrics and
+    timings recorded on the trial; the examples scored; and, for a failed candidate, why
+    (its values then hold the objectives scored before the failure, if any)."""
+
+    worker: str | None = None
+    node: str | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)
+    fraction: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    examples: int = 0
+    error: str | None = None
+
+
 def resolve_models(config: Config) -> tuple[str, dict[str, str]]:
-    """The base and source models as paths (or hub ids): `demo:` references are built on
-    first use, relative folders are taken from the config file's folder."""
-    from mergesearch.demo import resolve_model
-
-    def one(ref: str) -> str:
-        if ref.startswith("demo:"):
-            return str(resolve_model(ref))
-        p = config.path(ref)
-        return str(p) if p.exists() else ref
-
-    return one(config.models.base), {alias: one(ref) for alias, ref in config.models.sources.items()}
+    """The base and source models as folders or hub ids (see `resolve_reference`)."""
+    models = config.models
+    return (resolve_reference(models.base, config.root),
+            {alias: resolve_reference(ref, config.root) for alias, ref in models.sources.items()})
 
 
 class CandidateWorker:
@@ -42,27 +59,20 @@ class CandidateWorker:
                  fisher: dict[str, str] | None = None):
         from transformers import AutoTokenizer
 
-        from mergesearch.evaluators import build_evaluators
-        from mergesearch.evaluators.quiet import quiet_libraries
-        from mergesearch.merging import MergeEngine, load_live_model
-
         started = time.perf_counter()
         data = dict(snapshot)
         root = Path(data.pop("root", "."))
         self.config = parse_config(data, source="config snapshot", root=root)
         if threads:
             torch.set_num_threads(threads)
-        if device is None and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
-            device = "cuda"
         cache_gb = self.config.workers.cache_gb
+        trust = self.config.models.trust_remote_code
         with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
-            self.engine = MergeEngine(base, list(sources.values()), device=device or "cpu",
-                                      cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
+            self.engine, self.model = open_live(
+                base, sources.values(), device=device, dtype=self.config.models.dtype,
+                trust_remote_code=trust, cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
             if fisher:
                 self.load_fisher(fisher)
-            trust = self.config.models.trust_remote_code
-            self.model = load_live_model(self.engine.base.path, self.engine.device,
-                                         self.config.models.dtype, trust_remote_code=trust)
             self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
             objectives = self.config.heldout if heldout else self.config.objectives
             self.evaluators = build_evaluators(self.config, objectives)
@@ -74,8 +84,6 @@ class CandidateWorker:
 
     def load_fisher(self, files: dict[str, str]) -> None:
         """Attach each model's cached Fisher information (model -> file), for `fisher`."""
-        from mergesearch.merging.fisher_info import load_fisher
-
         self.engine.attach_fisher({m: load_fisher(f, self.engine.device) for m, f in files.items()})
 
     def info(self) -> dict[str, Any]:
@@ -84,13 +92,11 @@ class CandidateWorker:
                 "resident_mb": round(self.engine.resident_bytes() / 2**20, 1)}
 
     def evaluate(self, recipe_json: str | None, fraction: float = 1.0,
-                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
+                 skip: tuple[str, ...] = ()) -> CandidateResult:
         """Merge ``recipe_json`` into the live model (None: score the base as is) and
         score every objective but those in ``skip``, on ``fraction`` of their examples
         where the evaluator can score a subset. Never raises for a candidate's failure."""
-        result: dict[str, Any] = {"worker": self.name, "node": self.node, "values": {}, "metrics": {},
-                                  "error": None, "timings": {}, "stderr": {}, "fraction": {},
-                                  "examples": 0}
+        result = CandidateResult(worker=self.name, node=self.node)
         recipe = Recipe.model_validate_json(recipe_json) if recipe_json else None
         start = time.perf_counter()
         try:
@@ -103,22 +109,22 @@ class CandidateWorker:
         except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            result["error"] = f"merge: {e.__class__.__name__}: {e}"
+            result.error = f"merge: {e.__class__.__name__}: {e}"
             return result
-        result["timings"]["merge_s"] = time.perf_counter() - start
+        result.timings["merge_s"] = time.perf_counter() - start
         for ev in self.evaluators:
             if ev.objective.name in skip:
                 continue
             score = ev.score(recipe, fraction)
-            result["timings"][f"{score.objective}_s"] = score.seconds
-            result["metrics"].update({f"{score.objective}/{k}": v for k, v in score.metrics.items()})
-            result["examples"] += score.examples
+            result.timings[f"{score.objective}_s"] = score.seconds
+            result.metrics.update({f"{score.objective}/{k}": v for k, v in score.metrics.items()})
+            result.examples += score.examples
             if not score.ok:
-                result["error"] = score.error
+                result.error = score.error
                 return result
-            result["values"][score.objective] = score.value
-            result["stderr"][score.objective] = score.stderr
-            result["fraction"][score.objective] = score.fraction
+            result.values[score.objective] = score.value
+            result.stderr[score.objective] = score.stderr
+            result.fraction[score.objective] = score.fraction
         return result
 
 

@@ -1,5 +1,6 @@
 """Search spaces: the config's `space` as Optuna distributions; a trial as a Recipe."""
 
-from mergesearch.spaces.space import SearchSpace, check_space
+from mergesearch.spaces.knobs import check_space
+from mergesearch.spaces.space import SearchSpace
 
 __all__ = ["SearchSpace", "check_space"]

@@ -64,53 +64,16 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from mergesearch.config import ConfigError, Space
+from mergesearch.config import Space
+from mergesearch.errors import ConfigError
 from mergesearch.merging.architecture import ATTN_FILTERS, MLP_FILTERS, layer_t
 from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod, Param, all_methods, get_method
-from mergesearch.merging.sparsify import della_in_range, della_max_epsilon
+from mergesearch.merging.sparsify import della_max_epsilon
 from mergesearch.recipe import Recipe, evaluate_setting
+from mergesearch.spaces.knobs import check_space, knob_specs, suggest
 
 BASE_ALIAS = "base"  # linear's name for the base model among its inputs
-_EDGE = 1e-6  # keeps density strictly inside (epsilon, 1 - epsilon)
-
-Spec = Any  # a knob in this space: a distribution, a fixed value, or None (the default)
-
-
-def check_space(space: Space) -> None:
-    """The config's space against the registry, before any model is read: every method is
-    known and every override names one of its knobs, within the knob's valid range (the
-    one place bounds are checked: `SearchSpace` builds its distributions from the same)."""
-    for name, overrides in space.methods.items():
-        try:
-            method = get_method(name)
-        except KeyError:
-            raise ConfigError(f"space.methods.{name}: unknown merge method; "
-                              f"known: {', '.join(sorted(all_methods()))}") from None
-        for key in overrides:
-            if method.param(key) is None:
-                raise ConfigError(f"space.methods.{name}.{key}: not a parameter of {name}")
-    for key in space.params:
-        if not any(get_method(m).param(key) for m in space.methods):
-            raise ConfigError(f"space.params.{key}: no chosen method has this parameter")
-    for name in space.methods:
-        for p in get_method(name).params:
-            _bound(space, get_method(name), p)
-
-
-def _bound(space: Space, method: MergeMethod, p: Param) -> Any:
-    """The config's value or [low, high] for one knob of one method (None: not given),
-    checked against the knob's valid range; ConfigError naming the field otherwise."""
-    own = space.methods.get(method.name, {})
-    field = f"space.methods.{method.name}.{p.name}" if p.name in own else f"space.params.{p.name}"
-    bound = own.get(p.name, space.params.get(p.name))
-    if isinstance(bound, list) and (len(bound) != 2 or bound[0] > bound[1]):
-        raise ConfigError(f"{field}: a range is [low, high] with low <= high")
-    for v in bound if isinstance(bound, list) else [] if bound is None else [bound]:
-        problem = p.check(v)
-        if problem:
-            raise ConfigError(f"{field}: {problem}" + ("" if p.name in own else f" (for {method.name})"))
-    return bound
 
 
 class SearchSpace:
@@ -122,11 +85,7 @@ class SearchSpace:
         self.methods: dict[str, MergeMethod] = {m: get_method(m) for m in space.methods}
         self._check_models()
         # method -> knob -> spec, settled once so that sampling only reads it
-        self.knobs = {m: {p.name: self._spec(method, p) for p in method.params}
-                      for m, method in self.methods.items()}
-        for method in self.methods.values():
-            if method.sparsity.kind == "della":
-                self._fit_density_to_epsilon(method)
+        self.knobs = {m: knob_specs(space, method, num_layers) for m, method in self.methods.items()}
 
     # ---- trial -> recipe ---------------------------------------------------------------
 
@@ -203,7 +162,7 @@ class SearchSpace:
     def _value(self, trial: optuna.Trial, method: MergeMethod, p: Param, key: str) -> Any:
         spec = self.knobs[method.name][p.name]
         if not isinstance(spec, FloatDistribution) or p.name not in self.space.per_layer:
-            return _suggest(trial, key, spec)
+            return suggest(trial, key, spec)
         if not self.space.split_attn_mlp:
             return self._over_depth(trial, key, spec)
         attn, mlp, other = (self._over_depth(trial, f"{key}.{part}", spec)
@@ -214,8 +173,8 @@ class SearchSpace:
     def _over_depth(self, trial: optuna.Trial, key: str, spec: FloatDistribution) -> Any:
         groups = self.space.layer_groups
         if groups == 1:
-            return _suggest(trial, key, spec)
-        values = [_suggest(trial, f"{key}.g{g}", spec) for g in range(groups)]
+            return suggest(trial, key, spec)
+        values = [suggest(trial, f"{key}.g{g}", spec) for g in range(groups)]
         if self.space.layer_mode == "smooth":
             return values  # anchors, interpolated over depth by the engine
         return [values[layer * groups // self.num_layers] for layer in range(self.num_layers)]
@@ -242,40 +201,7 @@ class SearchSpace:
         ts = [layer_t(layer, self.num_layers) for layer in range(self.num_layers)]
         return [evaluate_setting(v, "", t) for v in kinds for t in ts]
 
-    # ---- construction: settle and check every knob -------------------------------------
-
-    def _spec(self, method: MergeMethod, p: Param) -> Spec:
-        bound = _bound(self.space, method, p)
-        if bound is not None and not isinstance(bound, list):
-            return bound
-        if p.type is bool:
-            return CategoricalDistribution(sorted(set(bound))) if bound else None
-        low_high = bound or p.search
-        if low_high is None and p.required:
-            raise ConfigError(f"space.methods.{method.name}.{p.name}: required by {method.name} "
-                              f"and not searched by default; give a value or [low, high]")
-        if low_high and p.type is int:
-            if p.layers and not bound:  # a fraction of the depth
-                low_high = (int(low_high[0] * self.num_layers), int(low_high[1] * self.num_layers))
-            return IntDistribution(int(low_high[0]), int(low_high[1]))
-        return FloatDistribution(*low_high) if low_high else None
-
-    def _fit_density_to_epsilon(self, method: MergeMethod) -> None:
-        """A fixed (or default) epsilon e: keep density inside (e, 1 - e)."""
-        knobs = self.knobs[method.name]
-        e = knobs["epsilon"] if knobs["epsilon"] is not None else method.param("epsilon").default
-        d = knobs["density"]
-        if isinstance(e, FloatDistribution) or d is None:
-            return
-        where = f"space.methods.{method.name}.density"
-        if isinstance(d, FloatDistribution):
-            low, high = max(d.low, e + _EDGE), min(d.high, 1 - e - _EDGE)
-            if low > high:
-                raise ConfigError(f"{where}: no density in [{d.low}, {d.high}] keeps density "
-                                  f"+/- epsilon {e} inside (0, 1)")
-            knobs["density"] = FloatDistribution(low, high)
-        elif not della_in_range(d, e):
-            raise ConfigError(f"{where}: density {d} +/- epsilon {e} must stay inside (0, 1)")
+    # ---- construction: check the models against the space ------------------------------
 
     def _check_models(self) -> None:
         space = self.space
@@ -302,16 +228,6 @@ class SearchSpace:
             if method.base == "none" and method.param("weight") and BASE_ALIAS in self.sources:
                 raise ConfigError(f"models.sources.{BASE_ALIAS}: {name} names the base model's "
                                   f"knobs '{BASE_ALIAS}'; give this source another alias")
-
-
-def _suggest(trial: optuna.Trial, key: str, spec: Spec) -> Any:
-    if isinstance(spec, FloatDistribution):
-        return trial.suggest_float(key, spec.low, spec.high)
-    if isinstance(spec, IntDistribution):
-        return trial.suggest_int(key, spec.low, spec.high)
-    if isinstance(spec, CategoricalDistribution):
-        return trial.suggest_categorical(key, spec.choices)
-    return spec  # fixed by the config, or None: the method's default
 
 
 def _set(params: dict[str, Any]) -> dict[str, Any]:
