@@ -285,7 +285,7 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     from rich.table import Table
 
     from mergesearch.search import RunRef, pareto_front, study_hypervolume
-    from mergesearch.search.front import objective_names
+    from mergesearch.search.front import hypervolume_curve, objective_names, sparkline
     from mergesearch.search.study import counted, failure_reason, is_duplicate, orphaned
 
     ref = RunRef.from_args(run_dir, storage, study)
@@ -317,6 +317,10 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
             table.add_row(name, d.name.lower(), f"{pick.values[i]:.4g}", str(pick.number))
         out.print(table)
         out.print(f"front: {len(front)} trials; hypervolume {study_hypervolume(st):.4g}")
+        curve = hypervolume_curve(st)
+        last_gain = next(k for k, hv in curve if hv == curve[-1][1])
+        out.print(f"hypervolume by trials scored: {sparkline([hv for _, hv in curve])} "
+                  f"(reached within the first {last_gain} of {curve[-1][0]} scored)", highlight=False)
     rerun = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs and t.state.is_finished()}
     failures = Counter(failure_reason(t, rerun) for t in trials if t.state.name == "FAIL")
     for reason, n in failures.most_common(5):

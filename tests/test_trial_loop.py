@@ -150,6 +150,12 @@ def test_status_counts_duplicates_apart_and_shows_the_front_once(study_with_a_du
     assert "front: 1 trials" in text
 
 
+def test_status_draws_the_hypervolume_over_the_trials_scored(study_with_a_duplicate):
+    config, _ = study_with_a_duplicate
+    # minimised cost, reference 0.5 (the worst trial): a (0.2) covers 0.3 at once, b adds nothing
+    assert "hypervolume by trials scored: ██ (reached within the first 1 of 2 scored)" in status_of(config.run_dir)
+
+
 # ---- a dead driver's trials ---------------------------------------------------------------
 
 

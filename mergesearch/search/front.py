@@ -91,6 +91,33 @@ def study_hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = No
     return hypervolume(values, reference_point(study), maximize_mask(study))
 
 
+def hypervolume_curve(study: optuna.Study, points: int = 40) -> list[tuple[int, float]]:
+    """(scored trials, hypervolume of the first that many) at up to ``points`` evenly
+    spaced counts, the last at every scored trial: whether a search is still improving.
+    The reference point is the study's (`reference_point`), as in `study_hypervolume`."""
+    trials = scored_trials(study)
+    n = len(trials)
+    if n == 0:
+        return []
+    counts = sorted({max(1, round(n * (i + 1) / points)) for i in range(points)} | {n})
+    ref, maximize = reference_point(study), maximize_mask(study)
+    values = np.array([t.values for t in trials], dtype=float).reshape(n, -1)
+    return [(k, hypervolume(values[:k], ref, maximize)) for k in counts]
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One block character per value, from the lowest (▁) to the highest (█)."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARKS[-1 if high > 0 else 0] * len(values)
+    return "".join(SPARKS[round((v - low) / (high - low) * (len(SPARKS) - 1))] for v in values)
+
+
 def choose(study: optuna.Study, *, trial: int | None = None, best: str | None = None,
            weights: dict[str, float] | None = None) -> FrozenTrial:
     """One trial: by number, best on one objective, or the front point maximising the
