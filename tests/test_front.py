@@ -6,7 +6,12 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mergesearch.search.front import REFERENCES_ATTR, hypervolume_curve, sparkline, study_hypervolume
+from mergesearch.search.front import (
+    REFERENCES_ATTR,
+    hypervolume_curve,
+    sparkline,
+    study_hypervolume,
+)
 
 
 @pytest.fixture
