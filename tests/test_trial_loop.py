@@ -304,6 +304,14 @@ def test_serial_resume_continues_to_a_raised_budget(families, tmp_path, no_ray):
     assert (seen[-1].done_at_start, seen[-1].done) == (2, 4)
 
 
+def test_a_budget_raised_on_resume_is_the_one_status_shows(families, tmp_path, no_ray):
+    config = config_for(families, tmp_path, budget={"n_trials": 2}, sampler={"name": "random", "seed": 0})
+    serial_run(config)
+    config.budget.n_trials = 4
+    serial_run(config)
+    assert "4/4 trials counted" in status_of(config.run_dir)
+
+
 # ---- the search, on real Ray workers -------------------------------------------------------
 
 

@@ -146,8 +146,18 @@ def create_or_load(config: Config, storage: optuna.storages.BaseStorage | None =
         study.set_user_attr(CONFIG_ATTR, config.snapshot())
     else:
         _check_objectives(study, config)
+        _store_budget(study, config)
     write_run_file(config)
     return study
+
+
+def _store_budget(study: optuna.Study, config: Config) -> None:
+    """A budget raised on resume becomes the study's: `status` and a later plain `resume`
+    read it from the stored snapshot."""
+    stored = dict(study.user_attrs.get(CONFIG_ATTR) or {})
+    budget = config.snapshot()["budget"]
+    if stored and stored.get("budget") != budget:
+        study.set_user_attr(CONFIG_ATTR, {**stored, "budget": budget})
 
 
 def check_storage(config: Config) -> optuna.storages.BaseStorage | None:
