@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,39 +34,39 @@ class WorkerDied(Exception):
         self.cause, self.running = cause, running
 
 
-class WorkerPool:
+class WorkerPool(ABC):
     """What the trial loop needs of its workers. ``size`` workers, numbered from 0; a
     worker runs what is submitted to it in submission order."""
 
     size: int
 
+    @abstractmethod
     def load_fisher(self, files: dict[str, str]) -> None:
         """Give every worker (and any replacement) each model's Fisher file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def submit(self, worker: int, recipe: Recipe | None, fraction: float = 1.0,
                skip: Sequence[str] = ()) -> Any:
         """Queue ``recipe`` (None: the base as is) on ``worker``, to be scored on
         ``fraction`` of the examples of every objective but those in ``skip``; a handle
         for `wait` and `result`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
         """Those of ``handles`` whose result is ready, waiting up to ``timeout`` seconds
         for at least one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def result(self, handle: Any) -> CandidateResult:
         """The handle's result (waiting for it), once; `WorkerDied` if its worker died."""
-        raise NotImplementedError
 
+    @abstractmethod
     def replace(self, worker: int) -> None:
         """Start a fresh worker in the place of ``worker``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Stop every worker; the pool is not used again."""
-        raise NotImplementedError
 
 
 # ---- in this process ----------------------------------------------------------------------
