@@ -19,7 +19,8 @@ from support.studies import ROOT, TASKS
 
 from mergesearch.config import parse_config
 from mergesearch.demo import build_experts, cache_dir, examples
-from mergesearch.demo.experts import BUILD_SOURCES, HERE, NAMES, _training_pairs, cache_key
+from mergesearch.demo.experts import BUILD_SOURCES, HERE, NAMES, _training_mix, cache_key
+from mergesearch.demo.skills import is_basic
 from mergesearch.search import CandidateWorker
 
 SKILLS = ("add", "reverse", "sort")
@@ -49,35 +50,41 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 @pytest.mark.parametrize("limit", [60, None], ids=["search-limit-60", "full-150"])
 @pytest.mark.e2e  # real lm-eval on every demo expert, up to all 150 examples: minutes
-def test_each_expert_scores_at_least_0_9_on_its_skill_and_the_base_near_chance(demo_experts, limit):
+def test_each_expert_scores_at_least_0_9_on_its_skill_and_the_base_partway(demo_experts, limit):
     base = scores(demo_experts["base"], limit)
     experts = {s: scores(demo_experts[s], limit)[s] for s in SKILLS}
     assert min(experts.values()) >= 0.9, experts
-    assert all(0.1 <= v <= 0.4 for v in base.values()), base
+    # The base knows the basic half of every skill: well above chance, well below the expert.
+    assert all(0.4 <= base[s] <= experts[s] - 0.1 for s in SKILLS), (base, experts)
 
 
 def test_every_model_trains_on_the_train_split_only():
-    pairs = _training_pairs()
+    mix = _training_mix()
+    contexts = {name: {c for _, pairs in parts.values() for c, _ in pairs} for name, parts in mix.items()}
     train = {s: {ex["context"] for ex in examples(s)["train"]} for s in SKILLS}
+    basic = {s: {c for c in train[s] if is_basic(s, c)} for s in SKILLS}
     unseen = {ex["context"] for s in SKILLS for split in ("test", "heldout") for ex in examples(s)[split]}
-    for skill in SKILLS:
-        assert {c for c, _ in pairs[skill]} == train[skill]
-    assert {c for c, _ in pairs["base"]} == set().union(*train.values())
-    assert not unseen & {c for name in NAMES for c, _ in pairs[name]}
+    assert contexts["base"] == set().union(*basic.values())  # the basic half of every skill
+    for skill in SKILLS:  # its whole skill, and the base's data of the others
+        assert contexts[skill] == train[skill] | set().union(*(basic[s] for s in SKILLS if s != skill))
+    assert all(0 < len(basic[s]) < len(train[s]) for s in SKILLS)
+    assert not unseen & set().union(*contexts.values())
 
 
 def test_cache_folder_is_named_for_the_build_source_and_library_versions(tmp_path, monkeypatch):
+    import peft
     import transformers
 
     for name in BUILD_SOURCES:
         shutil.copy(HERE / name, tmp_path / name)
-    versions = (torch.__version__, transformers.__version__)
+    versions = (torch.__version__, transformers.__version__, peft.__version__)
     assert cache_key(tmp_path, versions) == cache_key() and cache_key().startswith("demo-")
     assert len(cache_key()) == len("demo-") + 12
     monkeypatch.setenv("MERGESEARCH_CACHE", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache" / cache_key()
-    assert cache_key(tmp_path, (torch.__version__, "4.57.0")) != cache_key()
-    assert cache_key(tmp_path, ("2.5.0", transformers.__version__)) != cache_key()
+    assert cache_key(tmp_path, (torch.__version__, "4.57.0", peft.__version__)) != cache_key()
+    assert cache_key(tmp_path, ("2.5.0", transformers.__version__, peft.__version__)) != cache_key()
+    assert cache_key(tmp_path, (torch.__version__, transformers.__version__, "0.18.0")) != cache_key()
     for name in BUILD_SOURCES:
         changed = tmp_path / "changed"
         shutil.copytree(tmp_path, changed, ignore=shutil.ignore_patterns("changed", "cache"))
@@ -131,7 +138,7 @@ def test_two_builds_agree_bit_for_bit(tmp_path):
     for name in NAMES:
         a = load_file(first[name] / "model.safetensors")
         b = load_file(second[name] / "model.safetensors")
-        assert a.keys() == b.keys() and len(a) == 39
+        assert a.keys() == b.keys() and len(a) == 57  # 6 layers of 9 tensors, embeddings, norm, head
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 

@@ -61,8 +61,8 @@ def test_each_expert_has_its_skill_well_above_base_and_siblings(worker, demo_exp
         scores = worker.evaluate(passthrough(demo_experts[skill])).values
         others = [worker.evaluate(passthrough(demo_experts[o])).values[skill]
                   for o in ("add", "reverse", "sort") if o != skill]
-        assert scores[skill] >= 0.85
-        assert base[skill] <= 0.4 and max(others) <= 0.4
+        assert scores[skill] >= 0.9
+        assert base[skill] <= scores[skill] - 0.1 and max(others) <= scores[skill] - 0.1
 
 
 def test_score_follows_in_place_weight_changes(worker, demo_experts):
@@ -70,7 +70,7 @@ def test_score_follows_in_place_weight_changes(worker, demo_experts):
     merged = Recipe(method="task_arithmetic", base_model=str(demo_experts["base"]),
                     models=[{"model": str(demo_experts["sort"]), "parameters": {"weight": 1.0}}])
     after = worker.evaluate(merged.model_dump_json()).values
-    assert after["sort"] >= base["sort"] + 0.4
+    assert after["sort"] >= base["sort"] + 0.1
     assert worker.evaluate(None).values == base  # restored weights, identical scores
 
 

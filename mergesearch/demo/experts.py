@@ -1,9 +1,13 @@
 """Build the demo's tiny base model and its three experts, offline and deterministically.
 
-A ~0.4M-parameter Llama with a character tokenizer is first trained on all three formats
-with random answers (it learns the formats, not the skills), then copied and fine-tuned
-into one expert per skill, on each skill's ``train`` split only. About 90 s of one CPU
-core; cached on disk, in a folder named for what builds it, and reused.
+A ~1.3M-parameter Llama with a character tokenizer is first pretrained on the basic half
+of every skill (sums without a carry, 4-letter words to reverse, words of a..h to sort):
+it knows part of each skill. It is then copied and fine-tuned into one expert per skill
+with a rank-8 LoRA adapter on every projection, merged into full weights, on that skill's
+whole ``train`` split with the base's own data mixed back in: small, low-rank moves that
+keep what the base knew, as users' fine-tunes of a capable base are. Merging such experts
+works (`benchmarks/RESULTS.md`, "The demo family"). About three minutes of one CPU core;
+cached on disk, in a folder named for what builds it, and reused.
 
 The result must not depend on the installed transformers' defaults (weight init, attention
 kernel, dtype) nor on the machine's core count: the weights start from a seeded generator
@@ -29,14 +33,19 @@ from pathlib import Path
 
 import torch
 
-from mergesearch.demo.skills import SKILLS, examples, random_answer
+from mergesearch.demo.skills import SKILLS, examples, is_basic
 from mergesearch.demo.tokenizer import char_tokenizer
 from mergesearch.errors import ConfigError
 from mergesearch.quiet import quiet_libraries
 
 NAMES = ("base", *SKILLS)
-STEPS = {"base": 150, "add": 900, "reverse": 260, "sort": 260}  # addition is the hardest skill
-LR = {"base": 3e-3, "add": 2e-3, "reverse": 4e-3, "sort": 4e-3}
+STEPS = {"base": 400, "add": 450, "reverse": 200, "sort": 200}  # carrying takes the longest
+LR = {"base": 3e-3, "add": 3e-3, "reverse": 3e-3, "sort": 3e-3}
+BATCH = 96  # examples a step
+LORA_RANK = 8  # experts: an adapter of this rank on every projection (scale 1), then merged
+# The share of each expert's examples that are the base's own (the other skills' basic
+# halves): without it an expert forgets, and its task vector undoes the others' in a merge.
+REPLAY = 0.7
 # Fixed, not the core count: float sums depend on how the work is split. And one, because
 # OpenMP threads on busy cores wait on each other: a build took 20x longer on 2 threads.
 THREADS = 1
@@ -45,10 +54,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def cache_key(sources: Path = HERE, versions: tuple[str, ...] | None = None) -> str:
-    """``demo-<12 hex>``: a hash of the build's own source and of the torch and transformers
-    versions, so that a changed build never reuses experts an older one cached."""
+    """``demo-<12 hex>``: a hash of the build's own source and of the torch, transformers
+    and peft versions, so that a changed build never reuses experts an older one cached."""
     if versions is None:
-        versions = (torch.__version__, importlib.metadata.version("transformers"))
+        versions = (torch.__version__, *map(importlib.metadata.version, ("transformers", "peft")))
     digest = hashlib.sha256()
     for name in BUILD_SOURCES:
         digest.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
@@ -132,17 +141,24 @@ def _build(root: Path, steps: int | None) -> None:
             raise
 
 
+_terminated = threading.Event()  # SIGTERM came during a build (see _terminate_raises)
+
+
 @contextmanager
 def _terminate_raises() -> Iterator[None]:
     """SIGTERM raises `SystemExit` (exit status 143) so that the build's cleanup runs;
-    the previous handler is restored after. Only the main thread may install handlers."""
+    the previous handler is restored after. Only the main thread may install handlers.
+    The signal is also recorded: where it lands in a ``__del__`` (a collected object of
+    a library), Python drops the exception, and the next training step raises it instead."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
+        _terminated.set()
         raise SystemExit(128 + signum)
 
+    _terminated.clear()
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
@@ -190,7 +206,7 @@ def _model(vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
         rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02, attention_dropout=0.0,
         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -207,15 +223,24 @@ def _model(vocab: int, seed: int):
     return model
 
 
-def _batches(tok, pairs: list[tuple[str, str]], rng: random.Random, batch: int):
-    """Endless batches of (input_ids, labels): the loss falls on the answer and EOS only."""
-    encoded = []
-    for context, answer in pairs:
-        c = tok(context, add_special_tokens=False).input_ids
-        a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        encoded.append((c + a, [-100] * len(c) + a))
+Mix = dict[str, tuple[float, list[tuple[str, str]]]]  # part -> (share of examples, pairs)
+
+
+def _batches(tok, mix: Mix, rng: random.Random, batch: int):
+    """Endless batches of (input_ids, labels), each example drawn from a part of ``mix``
+    with that part's share: the loss falls on the answer and EOS only."""
+    parts, shares, encoded = list(mix), [share for share, _ in mix.values()], {}
+    for part, (_, pairs) in mix.items():
+        encoded[part] = []
+        for context, answer in pairs:
+            c = tok(context, add_special_tokens=False).input_ids
+            a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            encoded[part].append((c + a, [-100] * len(c) + a))
     while True:
-        chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
+        chosen = []
+        for _ in range(batch):
+            rows = encoded[rng.choices(parts, shares)[0]]
+            chosen.append(rows[rng.randrange(len(rows))])
         seqs, labels = [s for s, _ in chosen], [lab for _, lab in chosen]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
@@ -223,13 +248,13 @@ def _batches(tok, pairs: list[tuple[str, str]], rng: random.Random, batch: int):
         yield ids, lab
 
 
-def _train(model, tok, pairs, steps: int, lr: float, seed: int,
+def _train(model, tok, mix: Mix, steps: int, lr: float, seed: int,
            advance: Callable[[int], None]) -> None:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    batches = _batches(tok, pairs, rng, batch=96)
+    batches = _batches(tok, mix, rng, batch=BATCH)
     for step in range(steps):
         ids, labels = next(batches)
         loss = model(input_ids=ids, labels=labels).loss
@@ -238,35 +263,54 @@ def _train(model, tok, pairs, steps: int, lr: float, seed: int,
         opt.step()
         sched.step()
         advance(step + 1)
+        if _terminated.is_set():
+            raise SystemExit(128 + signal.SIGTERM)
     model.eval()
 
 
-def _training_pairs() -> dict[str, list[tuple[str, str]]]:
-    """(context, answer) pairs to train each model on, from the ``train`` splits only:
-    ``test`` is what the search scores and ``heldout`` is seen by nobody. The base sees
-    every format with random answers: it knows the formats, not the skills."""
-    train = {s: examples(s)["train"] for s in SKILLS}
-    rng = random.Random(0)
-    pairs = {"base": [(ex["context"], random_answer(s, ex["context"], rng))
-                      for s in SKILLS for ex in train[s]]}
-    pairs.update({s: [(ex["context"], ex["answer"]) for ex in train[s]] for s in SKILLS})
-    return pairs
+def _training_mix() -> dict[str, Mix]:
+    """What each model trains on, from the ``train`` splits only: ``test`` is what the
+    search scores and ``heldout`` is seen by nobody. The base sees the basic half of every
+    skill, in equal shares; an expert sees its whole skill, and the other skills' basic
+    halves for a `REPLAY` share."""
+    train = {s: [(ex["context"], ex["answer"]) for ex in examples(s)["train"]] for s in SKILLS}
+    basic = {s: [(c, a) for c, a in pairs if is_basic(s, c)] for s, pairs in train.items()}
+    mix = {"base": {s: (1 / len(SKILLS), basic[s]) for s in SKILLS}}
+    for skill in SKILLS:
+        others = [s for s in SKILLS if s != skill]
+        mix[skill] = {skill: (1 - REPLAY, train[skill]),
+                      **{f"basic {s}": (REPLAY / len(others), basic[s]) for s in others}}
+    return mix
 
 
 def _train_all(out: Path, steps: int | None = None) -> None:
     tok = char_tokenizer()
-    pairs = _training_pairs()
+    mix = _training_mix()
     plan = {name: steps or STEPS[name] for name in NAMES}
     with _progress(plan) as progress:
         base = _model(len(tok), seed=0)
-        _train(base, tok, pairs["base"], plan["base"], LR["base"], seed=1,
+        _train(base, tok, mix["base"], plan["base"], LR["base"], seed=1,
                advance=lambda done: progress("base", done))
         _save(base, tok, out / "base")
         for i, skill in enumerate(SKILLS):
-            expert = copy.deepcopy(base)
-            _train(expert, tok, pairs[skill], plan[skill], LR[skill], seed=10 + i,
+            adapted = _with_adapter(copy.deepcopy(base), seed=20 + i)
+            _train(adapted, tok, mix[skill], plan[skill], LR[skill], seed=10 + i,
                    advance=lambda done, s=skill: progress(s, done))
-            _save(expert, tok, out / skill)
+            _save(adapted.merge_and_unload(), tok, out / skill)
+
+
+def _with_adapter(model, seed: int):
+    """``model`` wrapped by peft with a rank-`LORA_RANK` LoRA adapter on every projection,
+    its initial weights drawn from a seeded generator (the caller's RNG is left as it was)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                        "gate_proj", "up_proj", "down_proj"],
+                        task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def _save(model, tok, folder: Path) -> None:
