@@ -108,6 +108,10 @@ class Space(_Strict):
                                  description="Which per-model knobs vary over layers")
     lines: bool = Field(False, description="Also search a LiNeS layer schedule (alpha, beta) "
                         "on the merged task vector of every method with a base model")
+    shared: bool = Field(False, description="One value of each per-model knob for all sources "
+                         "(weight, density, ...) instead of one per source: fewer dimensions; "
+                         "linear's base keeps its own weight, and methods that normalise the "
+                         "weights (nuslerp, multislerp) then weigh the sources evenly")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -201,9 +205,15 @@ class Study(_Strict):
 
 class Sampler(_Strict):
     name: str | None = Field(None, description="nsga2, nsga3, tpe, gp, random, cmaes or a registered sampler "
-                                                "(default: nsga2 for several objectives, tpe for one)")
+                                                "(default: tpe, with the warm start)")
     seed: int = 0
     population_size: int | None = Field(None, ge=2, description="NSGA population (default: max(16, 2 x workers))")
+    n_startup_trials: int | None = Field(
+        None, ge=0, description="Trials TPE and GP draw at random before modelling the results "
+        "(default: a tenth of budget.n_trials, 5 to 10); warm-start trials count among them")
+    warm_start: bool = Field(True, description="Score first the recipes a person would try first "
+                             "(each source alone, uniform task arithmetic, TIES at density 0.5), "
+                             "so the sampler learns from them; only on a new study; false: the sampler alone")
 
 
 class Budget(_Strict):
@@ -229,6 +239,14 @@ class Workers(_Strict):
         None, ge=0, description="GiB a CPU worker may spend keeping what it derives from the task "
         "vectors (magnitude ranks, random numbers) across candidates; default: twice the "
         "weights, at most 40% of the memory available")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="GiB of its device a worker may use: the live model, work buffers, the "
+        "inputs kept there and what is kept across candidates; default: 90% of the free GPU "
+        "memory, or on a CPU the host budget (the device is the host)")
+    host_memory_gb: float | None = Field(
+        None, gt=0, description="GiB of host memory a worker may use for inputs kept off the device "
+        "(pinned on a GPU); what fits in neither budget is read from the safetensors files on "
+        "demand; default: 80% of the memory available at start")
 
 
 class Config(_Strict):
@@ -259,7 +277,7 @@ class Config(_Strict):
         if self.sampler.name == "cmaes" and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes handles a single objective; use nsga2, nsga3, tpe, gp or random")
         if self.sampler.name is None:
-            self.sampler.name = "nsga2" if len(self.objectives) > 1 else "tpe"
+            self.sampler.name = "tpe"  # with the warm start: benchmarks/RESULTS.md, "Search quality"
         return self
 
     # ---- derived values --------------------------------------------------------------

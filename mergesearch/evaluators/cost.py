@@ -33,7 +33,7 @@ def kept_fraction(recipe: Recipe | None, engine: Any) -> float:
     _, inputs = method_inputs(method, recipe)
     kept = total = 0.0
     for name in engine.names:
-        n = math.prod(engine.stacks[name].shape[1:])
+        n = math.prod(engine.shapes[name])
         t = layer_t(engine.layers[name], engine.num_layers)
         value = resolve_params(method, recipe, inputs, name, t)[sparsity.knob]
         for fraction in value if isinstance(value, list) else [value] * len(inputs):

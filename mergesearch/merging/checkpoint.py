@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,62 @@ from safetensors.torch import load_file
 
 from mergesearch.errors import CheckpointError
 from mergesearch.merging.architecture import NUM_LAYER_KEYS
+
+# safetensors' dtype names (its header's "dtype" field) as torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file: read on demand with `read_into`."""
+
+    path: Path
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Read the tensor into ``out`` (contiguous, this dtype and size, on the CPU), by a
+        plain read of its byte range: the OS page cache, not this process, holds the file."""
+        if out.dtype != self.dtype or out.numel() * out.element_size() != self.nbytes:
+            raise ValueError(f"read_into: {out.dtype} x {out.numel()} does not hold {self.dtype} {self.shape}")
+        view = out.reshape(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < self.nbytes:  # a read may return less than asked
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: truncated (tensor of {self.nbytes} bytes at {self.offset})")
+                done += n
+        return out
+
+
+def safetensors_locations(path: Path) -> dict[str, TensorLocation]:
+    """Every tensor of one safetensors file, from its header (8 bytes of length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    out = {}
+    for name in sorted(header):  # the order `load_file` gives
+        info = header[name]
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, not supported")
+        start, stop = info["data_offsets"]
+        out[name] = TensorLocation(path, 8 + length + start, stop - start, dtype, tuple(info["shape"]))
+    return out
 
 
 def resolve(model: str) -> Path:
@@ -104,6 +161,18 @@ class Checkpoint:
                 raise CheckpointError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
             tensors.update(part)
         return tensors
+
+    @cached_property
+    def locations(self) -> dict[str, TensorLocation] | None:
+        """Where each tensor lies in the folder's safetensors files, for reading one at a
+        time; None for ``.bin`` checkpoints (pickled: loaded whole)."""
+        files = self.weight_files()
+        if any(f.suffix != ".safetensors" for f in files):
+            return None
+        out: dict[str, TensorLocation] = {}
+        for f in files:
+            out.update(safetensors_locations(f))
+        return out
 
     @cached_property
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:

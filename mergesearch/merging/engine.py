@@ -1,11 +1,13 @@
 """The in-place merge engine.
 
-`MergeEngine` loads a base and its fine-tuned sources once and keeps them resident on a
-device (CUDA when present), stacked per tensor in their stored dtype: row 0 is the base,
-row i the i-th source. Task vectors are formed per tensor in float32 when a candidate is
-built, so residency costs what the checkpoints cost and a candidate reads each input
-once. `merge_into` writes every merged tensor straight into a live model's parameter;
-nothing touches the disk and no second copy of the model is made.
+`MergeEngine` loads a base and its fine-tuned sources once, stacked per tensor in their
+stored dtype (row 0 is the base, row i the i-th source), and keeps each row where a
+residency plan puts it within the worker's memory budgets (`residency`): on the device
+(CUDA when present), in host memory, or in the checkpoints' files; a candidate reads one
+stack at a time on the device, the next staged while this one is merged. Task vectors
+are formed per tensor in float32 when a candidate is built, so residency costs what the
+checkpoints cost and a candidate reads each input once. `merge_into` writes every merged
+tensor straight into a live model's parameter; no second copy of the model is made.
 
 Two things make a candidate cheaper than a fresh merge. Methods whose result is a weighted
 sum of the inputs (linear, task arithmetic, with or without LiNeS) declare their
@@ -32,6 +34,13 @@ from mergesearch.merging.architecture import layer_index, layer_t
 from mergesearch.merging.checkpoint import Checkpoint, check_compatible, check_custom_code
 from mergesearch.merging.lines import apply_lines, lines_scale
 from mergesearch.merging.registry import MergeInputs, MergeMethod
+from mergesearch.merging.residency import (
+    StackStore,
+    StackView,
+    plan_residency,
+    resolve_budgets,
+    stack_specs,
+)
 from mergesearch.merging.validate import method_inputs, validate_recipe
 from mergesearch.recipe import Recipe, SourceModel
 
@@ -81,7 +90,9 @@ class MergeEngine:
     """Resident weights of a base model and its sources, ready to merge any recipe."""
 
     def __init__(self, base: str, sources: list[str], device: str | torch.device | None = None,
-                 cache: bool | None = None, cache_bytes: int | None = None):
+                 cache: bool | None = None, cache_bytes: int | None = None,
+                 device_budget: int | None = None, host_budget: int | None = None,
+                 live_bytes: int = 0):
         self.device = torch.device(device) if device is not None else default_device()
         self.base = Checkpoint.open(base)
         self.sources = [Checkpoint.open(s) for s in sources]
@@ -93,11 +104,18 @@ class MergeEngine:
             self._rows[ckpt.name] = row
             self._rows.setdefault(str(ckpt.path.resolve()), row)
 
-        loaded = [c.load_tensors(self.device) for c in [self.base, *self.sources]]
-        self.names = list(loaded[0])
-        self.stacks: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            self.stacks[name] = torch.stack([m.pop(name) for m in loaded])
+        # Each checkpoint's tensors where they lie in its files (safetensors), else loaded
+        # whole (.bin); placed row by row as the residency plan says (`residency`).
+        held = [c.locations or c.load_tensors() for c in [self.base, *self.sources]]
+        specs = stack_specs(held)
+        self.plan = plan_residency(specs, *resolve_budgets(self.device, device_budget, host_budget),
+                                   live_bytes=live_bytes, device_type=self.device.type,
+                                   mmap_ok=all(c.locations is not None for c in [self.base, *self.sources]))
+        self.store = StackStore(self.plan, held, self.device)
+        del held
+        self.names = list(specs)
+        self.shapes = {name: torch.Size(spec.shape) for name, spec in specs.items()}
+        self.stacks = StackView(self.store)  # complete stacks by name, for inspection
         self.layers = {name: layer_index(name) for name in self.names}
         self._work: dict[str, torch.Tensor] = {}
         # Kept after first use where computing them is slow (CPU), recomputed where it is
@@ -105,11 +123,12 @@ class MergeEngine:
         # source), and the magnitude ranks of each task vector's entries, which depend on
         # nothing a candidate changes (4 bytes an entry and source, each), within
         # ``cache_bytes`` together (by default twice the weights, at most 40% of the memory
-        # available now).
+        # available now), and never past what the residency plan leaves of the device budget.
         cache = cache if cache is not None else self.device.type == "cpu"
         if cache_bytes is None:
-            weights = sum(s.numel() * s.element_size() for s in self.stacks.values())
+            weights = sum(spec.nbytes for spec in specs.values())
             cache_bytes = min(2 * weights, int(0.4 * psutil.virtual_memory().available))
+        cache_bytes = min(cache_bytes, self.plan.spare_device())
         self.random_cache: KeptTensors | None = KeptTensors(cache_bytes) if cache else None
         self.derived_cache: KeptTensors | None = self.random_cache.share() if cache else None
         self.fisher: dict[str, torch.Tensor] = {}  # name -> (rows, *shape), see attach_fisher
@@ -125,8 +144,9 @@ class MergeEngine:
         for name in self.names:
             # Kept in bfloat16 beside 16-bit weights (float32's range, so no small Fisher
             # value underflows; a weighting needs no more digits), else in float32.
-            dtype = torch.bfloat16 if self.stacks[name].element_size() <= 2 else torch.float32
-            stack = torch.zeros(self.stacks[name].shape, dtype=dtype, device=self.device)
+            spec = self.plan.specs[name]
+            dtype = torch.bfloat16 if spec.dtype.itemsize <= 2 else torch.float32
+            stack = torch.zeros((spec.rows, *spec.shape), dtype=dtype, device=self.device)
             for r, f in rows.items():
                 if name not in f:
                     raise CheckpointError(f"{self.models[r]}: its Fisher information has no tensor {name}")
@@ -179,17 +199,19 @@ class MergeEngine:
         rows = [self.row(s.model) for s in inputs]
         if self.random_cache and next(iter(self.random_cache))[0] != recipe.seed:
             self.random_cache.clear()  # keep the numbers of one seed only
+        needed = [*rows, *([base_row] if base_row is not None else [])]
         with torch.no_grad():
-            for name in self.names:
+            # One stack at a time, on the device: the next is staged while this one is
+            # merged when it is not resident (see `residency`).
+            for name, stack in self.store.sweep(self.names, needed):
                 layer = self.layers[name]
                 params = resolve_params(method, recipe, inputs, name, layer_t(layer, self.num_layers))
                 scale = None if recipe.lines is None else lines_scale(
                     recipe.lines.alpha, recipe.lines.beta, layer, self.num_layers)
                 if method.combination is not None and exact:
-                    yield name, self._combine(name, base_row, rows, *method.combination(**params),
+                    yield name, self._combine(stack, base_row, rows, *method.combination(**params),
                                               lines=scale, into=(into or {}).get(name))
                     continue
-                stack = self.stacks[name]
                 shape = stack.shape[1:]
                 dtype = compute_dtype(recipe, stack.dtype)
                 # Inputs are copied (and cast) into work buffers of the compute dtype that
@@ -217,7 +239,7 @@ class MergeEngine:
                     out = apply_lines(out, base, scale)
                 yield name, out
 
-    def _combine(self, name: str, base_row: int | None, rows: list[int], base_coef: float,
+    def _combine(self, stack: torch.Tensor, base_row: int | None, rows: list[int], base_coef: float,
                  coefs: list[float], lines: float | None = None,
                  into: torch.Tensor | None = None) -> torch.Tensor:
         """A method's result that is a weighted sum of its inputs, straight from the resident
@@ -230,7 +252,6 @@ class MergeEngine:
         if lines is not None and lines != 1:  # base + s * (merged - base); sum(coefs) is 1
             terms = {r: c * lines for r, c in terms.items()}
             terms[base_row] += 1 - lines
-        stack = self.stacks[name]
         flat = stack.view(stack.shape[0], -1)
         n = flat.shape[1]
         block = min(n, COMBINE_BLOCK if self.device.type == "cpu" else COMBINE_BLOCK_GPU)
@@ -263,7 +284,7 @@ class MergeEngine:
             key = f"{key}.{dtype}"
         buf = self._work.get(key)
         if buf is None or buf.numel() < need:
-            largest = max(math.prod(s.shape[1:]) for s in self.stacks.values())
+            largest = max(math.prod(s) for s in self.shapes.values())
             buf = torch.empty(max(need, rows * largest), dtype=dtype, device=self.device)
             self._work[key] = buf
         return buf[:need].view(rows, *shape)
@@ -284,9 +305,8 @@ class MergeEngine:
         """Put the base weights back into ``model``."""
         params = self._bind(model)
         with torch.no_grad():
-            for name in self.names:
-                if name in params:
-                    params[name].copy_(self.stacks[name][0])
+            for name, stack in self.store.sweep([n for n in self.names if n in params], [0]):
+                params[name].copy_(stack[0])
 
     def _bind(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Map tensor names to the model's parameters; tied copies are written once."""
@@ -301,17 +321,18 @@ class MergeEngine:
             if p is None and name not in every:
                 raise CheckpointError(f"{self.base.name}: tensor {name} has no parameter in the live model")
             if p is not None:
-                if tuple(p.shape) != tuple(self.stacks[name].shape[1:]):
+                if tuple(p.shape) != tuple(self.shapes[name]):
                     raise CheckpointError(f"live model: parameter {name} has shape {list(p.shape)}")
                 params[name] = p.data
         model._mergesearch_params = params
         return params
 
     def resident_bytes(self) -> int:
-        """Weights, Fisher information and the tensors cached across candidates."""
-        kept = [*self.stacks.values(), *self.fisher.values(),
+        """Weights held in memory (staging buffers included), Fisher information and the
+        tensors cached across candidates."""
+        kept = [*self.fisher.values(),
                 *(self.random_cache or {}).values(), *(self.derived_cache or {}).values()]
-        return sum(t.numel() * t.element_size() for t in kept)
+        return self.store.resident_bytes() + sum(t.numel() * t.element_size() for t in kept)
 
 
 def compute_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:

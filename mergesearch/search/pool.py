@@ -39,6 +39,7 @@ class WorkerPool(ABC):
     worker runs what is submitted to it in submission order."""
 
     size: int
+    info: list[dict[str, Any]] = []  # each worker's `CandidateWorker.info` at start, where known
 
     @abstractmethod
     def load_fisher(self, files: dict[str, str]) -> None:
@@ -82,16 +83,17 @@ class _SerialCall:
 
 
 class SerialPool(WorkerPool):
-    """``count`` (by default the config's workers.count) `CandidateWorker`s in this process.
-    Nothing runs until a result is waited for: `wait` scores the oldest handle it is given.
-    Its workers never die."""
+    """``count`` (by default the config's workers.count) `CandidateWorker`s in this process,
+    on ``device`` (by default CUDA when visible). Nothing runs until a result is waited
+    for: `wait` scores the oldest handle it is given. Its workers never die."""
 
     def __init__(self, config: Config, base: str, sources: dict[str, str], count: int | None = None,
-                 fisher: dict[str, str] | None = None):
+                 fisher: dict[str, str] | None = None, device: str | None = None):
         snapshot = config.snapshot()
-        self.workers = [CandidateWorker(snapshot, base, sources, fisher=fisher)
+        self.workers = [CandidateWorker(snapshot, base, sources, fisher=fisher, device=device)
                         for _ in range(count or config.workers.count)]
         self.size = len(self.workers)
+        self.info = [w.info() for w in self.workers]
 
     def load_fisher(self, files: dict[str, str]) -> None:
         for w in self.workers:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from optuna.trial import TrialState
 from mergesearch.config import Config, parse_config
 from mergesearch.evaluators import check_objectives
 from mergesearch.merging import Checkpoint, check_compatible
+from mergesearch.merging.build import check_fits
 from mergesearch.merging.checkpoint import check_custom_code
 from mergesearch.recipe import Recipe
 from mergesearch.search.calibration import fisher_files, uses_fisher
@@ -45,8 +47,9 @@ from mergesearch.search.study import (
     is_duplicate,
     recover_orphans,
 )
-from mergesearch.search.worker import CandidateResult, resolve_models
+from mergesearch.search.worker import CandidateResult, device_budget, resolve_models
 from mergesearch.spaces import SearchSpace
+from mergesearch.spaces.warm_start import enqueue_warm_start
 
 # Candidates held per worker: one running and one queued behind it, which hides the
 # driver's ask/tell/storage time from the workers.
@@ -165,8 +168,9 @@ class Runner:
         space = self._prepare()
         self.pool = self.make_pool(self.config, self.base, self.sources)
         try:
+            self._show_residency()
             self._load_fisher()
-            study, driver = self._open_study()
+            study, driver = self._open_study(space)
             try:
                 self._search(study, space, driver)
             finally:
@@ -185,11 +189,19 @@ class Runner:
         self.base, self.sources = resolve_models(self.config)
         base = Checkpoint.open(self.base)
         check_custom_code(base, self.config.models.trust_remote_code)
-        check_compatible(base, [Checkpoint.open(p) for p in self.sources.values()])
+        sources = [Checkpoint.open(p) for p in self.sources.values()]
+        check_compatible(base, sources)
+        check_fits(base, sources, self.config.models.dtype, device_budget(self.config))
         space = SearchSpace(self.config.space, self.base, self.sources, base.num_layers,
                             seed=self.config.seed, flat=needs_flat_space(self.config))
         self.storage = check_storage(self.config)  # opened once: create_or_load reuses it
         return space
+
+    def _show_residency(self) -> None:
+        """One line per worker: where its inputs live, as its set-up planned (`residency`)."""
+        for i, info in enumerate(self.pool.info):
+            if "residency" in info:
+                print(f"worker {i}: {info['residency']}", file=sys.stderr, flush=True)
 
     def _ray_pool(self, config: Config, base: str, sources: dict[str, str]) -> RayPool:
         start_ray(config)
@@ -202,15 +214,20 @@ class Runner:
             self.fisher = {m: str(f) for m, f in files.items()}
             self.pool.load_fisher(self.fisher)
 
-    def _open_study(self) -> tuple[optuna.Study, Driver]:
+    def _open_study(self, space: SearchSpace) -> tuple[optuna.Study, Driver]:
         """The study, created or continued, with a dead driver's trials re-queued, this
-        process registered as a driver, the sampler and the reference scores."""
+        process registered as a driver, the sampler, the warm start (on a new study) and
+        the reference scores."""
         study = self.study = create_or_load(self.config, self.storage)
         recover_orphans(study)
         driver = Driver(study)
         # A resumed sampler is seeded past the trials it has seen, and a driver joining
         # others past theirs, so that it does not replay proposals already made.
         study.sampler = build_sampler(self.config, offset=len(study.trials) + 7919 * driver.rank())
+        # A study with trials (enqueued ones included) has had its warm start; of drivers
+        # starting a new study together, the first enqueues it.
+        if self.config.sampler.warm_start and not study.trials and driver.rank() == 0:
+            enqueue_warm_start(study, space, limit=self.config.budget.n_trials)
         if REFERENCES_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCES_ATTR, self._score_references())
         return study, driver

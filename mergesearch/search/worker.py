@@ -20,8 +20,10 @@ import torch
 from mergesearch.config import Config, parse_config
 from mergesearch.evaluators import build_evaluators
 from mergesearch.merging.build import open_live
+from mergesearch.merging.engine import default_device
 from mergesearch.merging.fisher_info import load_fisher
 from mergesearch.merging.references import resolve_reference
+from mergesearch.merging.residency import resolve_budgets
 from mergesearch.quiet import quiet_libraries
 from mergesearch.recipe import Recipe
 
@@ -65,12 +67,17 @@ class CandidateWorker:
         self.config = parse_config(data, source="config snapshot", root=root)
         if threads:
             torch.set_num_threads(threads)
-        cache_gb = self.config.workers.cache_gb
+        w = self.config.workers
         trust = self.config.models.trust_remote_code
+        device = torch.device(device) if device is not None else default_device()
+        # A fractional gpus_per_worker shares the GPU: plan on that share of its memory.
+        budgets = resolve_budgets(device, gib_bytes(w.device_memory_gb), gib_bytes(w.host_memory_gb),
+                                  gpu_share=min(1.0, w.gpus_per_worker or 1.0))
         with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
             self.engine, self.model = open_live(
                 base, sources.values(), device=device, dtype=self.config.models.dtype,
-                trust_remote_code=trust, cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
+                trust_remote_code=trust, cache_bytes=gib_bytes(w.cache_gb),
+                device_budget=budgets[0], host_budget=budgets[1])
             if fisher:
                 self.load_fisher(fisher)
             self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
@@ -89,7 +96,8 @@ class CandidateWorker:
     def info(self) -> dict[str, Any]:
         return {"worker": self.name, "device": str(self.engine.device),
                 "setup_s": round(self.setup_seconds, 3),
-                "resident_mb": round(self.engine.resident_bytes() / 2**20, 1)}
+                "resident_mb": round(self.engine.resident_bytes() / 2**20, 1),
+                "residency": self.engine.plan.describe()}
 
     def evaluate(self, recipe_json: str | None, fraction: float = 1.0,
                  skip: tuple[str, ...] = ()) -> CandidateResult:
@@ -126,6 +134,20 @@ class CandidateWorker:
             result.stderr[score.objective] = score.stderr
             result.fraction[score.objective] = score.fraction
         return result
+
+
+def gib_bytes(gib: float | None) -> int | None:
+    """A config's GiB as bytes (None stays None: the default applies)."""
+    return None if gib is None else int(gib * 2**30)
+
+
+def device_budget(config: Config) -> int | None:
+    """The device bytes each worker may use where the config says so: device_memory_gb,
+    or on a CPU worker host_memory_gb (its device is the host); else None (free memory)."""
+    w = config.workers
+    if w.device_memory_gb is not None:
+        return gib_bytes(w.device_memory_gb)
+    return None if w.gpus_per_worker else gib_bytes(w.host_memory_gb)
 
 
 def _ray_node_id() -> str | None:
