@@ -55,17 +55,17 @@ def option_refusal(data: dict) -> str:
 def test_shipped_configs_load():
     demo = load_config(ROOT / "mergesearch" / "demo" / "demo.yaml")
     assert [o.name for o in demo.objectives] == ["add", "reverse", "sort"]
-    assert demo.sampler.name == "nsga2"
+    assert (demo.sampler.name, demo.sampler.warm_start) == ("tpe", True)
     assert demo.include_paths() == [str(ROOT / "mergesearch" / "demo" / "tasks")]
     cluster = load_config(ROOT / "configs" / "mistral7b-cluster.yaml")
     assert cluster.workers.gpus_per_worker == 1
 
 
-def test_defaults_pick_nsga2_for_several_objectives_and_tpe_for_one():
+def test_defaults_pick_tpe_with_a_warm_start_for_any_number_of_objectives():
     two = with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
                             {"name": "b", "evaluator": "cost"}])
-    assert parse_config(two).sampler.name == "nsga2"
-    assert parse_config(MINIMAL).sampler.name == "tpe"
+    assert (parse_config(two).sampler.name, parse_config(two).sampler.warm_start) == ("tpe", True)
+    assert (parse_config(MINIMAL).sampler.name, parse_config(MINIMAL).sampler.warm_start) == ("tpe", True)
 
 
 def test_population_defaults_to_twice_the_workers_at_least_16():

@@ -10,6 +10,7 @@ it::
         ... .attn / .mlp / .other        split_attn_mlp         ties.weight.add.attn.g1
     <method>.source / <method>.sources   which source(s)        slerp.source, nuslerp.sources
     <method>.epsilon_frac.<alias>        DELLA's epsilon        della.epsilon_frac.add
+    <method>.<knob> (per-model)          space.shared           ties.weight (every source)
     lines.alpha, lines.beta              LiNeS (space.lines)    shared by every method
 
 Which knobs exist, their defaults and search ranges come from the merge-method registry
@@ -109,11 +110,12 @@ class SearchSpace:
         models = []
         for alias, path in self._inputs(trial, method):
             per: dict[str, Any] = {}
+            suffix = self._alias_suffix(alias)
             for p in method.per_model_params:
                 if p.name == "epsilon" and method.sparsity.kind == "della":  # after density, listed later
-                    per[p.name] = self._epsilon(trial, method, alias, per.get("density"))
+                    per[p.name] = self._epsilon(trial, method, suffix, per.get("density"))
                 else:
-                    per[p.name] = self._value(trial, method, p, f"{name}.{p.name}.{alias}")
+                    per[p.name] = self._value(trial, method, p, f"{name}.{p.name}{suffix}")
             models.append({"model": path, "parameters": _set(per)})
         base = None if method.base == "none" else self.base
         return Recipe(method=name, base_model=base, models=models, parameters=_set(params),
@@ -138,6 +140,12 @@ class SearchSpace:
         return dims
 
     # ---- pieces ------------------------------------------------------------------------
+
+    def _alias_suffix(self, alias: str) -> str:
+        """How a per-model knob's name ends for this input: ``.<alias>``, or nothing with
+        ``shared`` (one value for every source; optuna returns a name's first value when it
+        is asked again). linear's base keeps its own weight, which pulls towards the base."""
+        return "" if self.space.shared and alias != BASE_ALIAS else f".{alias}"
 
     def _inputs(self, trial: optuna.Trial, method: MergeMethod) -> list[tuple[str, str]]:
         """(alias, path) of the models the method merges, choosing some where it takes a
@@ -179,7 +187,7 @@ class SearchSpace:
             return values  # anchors, interpolated over depth by the engine
         return [values[layer * groups // self.num_layers] for layer in range(self.num_layers)]
 
-    def _epsilon(self, trial: optuna.Trial, method: MergeMethod, alias: str, density: Any) -> Any:
+    def _epsilon(self, trial: optuna.Trial, method: MergeMethod, suffix: str, density: Any) -> Any:
         spec = self.knobs[method.name]["epsilon"]
         if not isinstance(spec, FloatDistribution):
             return spec
@@ -188,7 +196,7 @@ class SearchSpace:
         cap = min((della_max_epsilon(d) for d in ds), default=spec.high) * (1 - 1e-3)
         high = min(spec.high, cap)
         low = min(spec.low, high)
-        frac = trial.suggest_float(f"{method.name}.epsilon_frac.{alias}", 0.0, 1.0)
+        frac = trial.suggest_float(f"{method.name}.epsilon_frac{suffix}", 0.0, 1.0)
         return low + frac * (high - low)
 
     def _resolved(self, value: Any) -> list[float]:
