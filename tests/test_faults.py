@@ -77,12 +77,12 @@ def storage(request):
     return request.param, (POSTGRES if request.param == "postgresql" else None)
 
 
-def small_config(tmp_path, storage_url, n_trials, workers=1):
+def small_config(tmp_path, storage_url, n_trials, workers=1, **overrides):
     study = {"name": f"faults-{uuid.uuid4().hex[:8]}", "run_dir": str(tmp_path / "run")}
     if storage_url:
         study["storage"] = storage_url
     return write_config(tmp_path, n_trials=n_trials, study=study,
-                        workers={"count": workers, "cpus_per_worker": 1})
+                        workers={"count": workers, "cpus_per_worker": 1}, **overrides)
 
 
 @pytest.mark.e2e
@@ -168,7 +168,10 @@ def test_two_drivers_sharing_a_study_split_the_budget_and_evaluate_each_trial_on
         tmp_path, demo_experts, storage):
     _, url = storage
     budget = 16
-    path = small_config(tmp_path, url, budget)
+    # Candidates long enough (all 150 test examples) that neither driver can finish the
+    # budget while the other is still starting its worker.
+    objectives = [{"name": s, "tasks": [f"demo_{s}"], "metric": "acc,none"} for s in ("add", "sort")]
+    path = small_config(tmp_path, url, budget, objectives=objectives)
     run = tmp_path / "run"
     drivers = [subprocess.Popen([*MERGESEARCH_MODULE, "run", str(path)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
