@@ -129,13 +129,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_family_args(ap: argparse.ArgumentParser) -> None:
+    """The family's shape (default: the 426M one) and number of sources, for `make_family`."""
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--sources", type=int, default=3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_family_args(ap)
     ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"],
                     help="merge methods, or 'all'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_speed import copy_bandwidth, make_family, recipe_for, timed  # noqa: E402
+from merge_speed import add_family_args, copy_bandwidth, make_family, recipe_for, timed  # noqa: E402
+
+from mergesearch.merging.residency import gb  # noqa: E402
 
 
 def tier_budgets(specs, live: int, device: str) -> dict[str, tuple[int, int]]:
@@ -131,19 +133,9 @@ def measure_tiers(paths: dict[str, str], names: list[str], specs, live: int, arg
     return rows, bandwidth
 
 
-def gb(n: int) -> str:
-    from mergesearch.merging.residency import gb as fmt
-
-    return fmt(n)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--sources", type=int, default=3)
+    add_family_args(ap)
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=2)
