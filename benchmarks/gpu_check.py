@@ -11,7 +11,9 @@
   `benchmarks/residency.py` measures it;
 * a two-worker search sharing one GPU (``gpus_per_worker: 0.5``, on Ray), its trials'
   scores against the same search scored on the CPU;
-* a live model sharded over two GPUs (``gpus_per_worker`` > 1), where two are present.
+* a live model sharded over two GPUs (``gpus_per_worker`` > 1), where two are present: a
+  few methods merged into it against the same model on one GPU, a candidate's perplexity
+  both ways, each GPU's bytes and merge seconds.
 
 It needs nothing but the project's install. Without a GPU it says so in one line and exits
 with code 1, having measured nothing. Every check that fails or cannot run says why in
@@ -37,6 +39,11 @@ SHAPES = [("1.1B", 2048, 5632, 24), ("426M", 1024, 2816, 32)]
 # The device checked against the CPU, and the workers of the shared-GPU search.
 DEVICE = "cuda"
 SHARED_GPU_WORKERS = {"count": 2, "gpus_per_worker": 0.5, "cpus_per_worker": 1}
+# The methods merged into the sharded live model; those whose merge must be bit-identical to
+# the one-GPU merge (the same kernels on the same inputs, whatever GPU holds them); the
+# others within ATOL / RTOL.
+SHARDED_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "slerp", "model_stock")
+EXACT_METHODS = ("task_arithmetic", "ties", "dare_ties", "della")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,13 +240,96 @@ def tier_times(family: dict[str, str], root: Path, deadline: float) -> list[tupl
 
 
 def sharded(family: dict[str, str], root: Path, deadline: float) -> list[tuple[str, str, str]]:
-    """A live model sharded over two GPUs: not built yet (gpus_per_worker > 1)."""
+    """The family's live model sharded over cuda:0 and cuda:1 against it on cuda:0 alone:
+    a few methods merged both ways, and a candidate's perplexity; each GPU's bytes and
+    merge seconds."""
     import torch
 
     if torch.cuda.device_count() < 2:
         return [("sharded live model", "not run: one GPU", "n/a")]
-    return [("sharded live model", "not run: a worker does not shard its live model over "
-             "gpus_per_worker > 1 GPUs yet (issue 17's GPU sharding is not built)", "n/a")]
+    from mergesearch.merging.build import open_live
+    from mergesearch.merging.residency import device_labels, gb
+
+    paths = [family["base"], *(v for k, v in family.items() if k.startswith("s"))]
+    one = open_live(paths[0], paths[1:], device="cuda:0")
+    two = open_live(paths[0], paths[1:], devices=["cuda:0", "cuda:1"])
+    engine = two[0]
+    held = [f"{label} {len(engine.placement.names(i))} tensors, {gb(torch.cuda.memory_allocated(d))} allocated"
+            for i, (label, d) in enumerate(zip(device_labels(engine.devices), engine.devices))]
+    rows = [("sharded live model", f"{'; '.join(held)}; {engine.plan.describe()}", "ok")]
+    for method in SHARDED_METHODS:
+        if time.monotonic() > deadline - 10:
+            rows.append((f"sharded {method}", "not run: out of time", "n/a"))
+            continue
+        rows.append(sharded_merge(method, family, one, two))
+    rows.append(sharded_score(family, root, one, two))
+    return rows
+
+
+def sharded_merge(method: str, family: dict[str, str], one, two) -> tuple[str, str, str]:
+    """``method``'s candidate merged into the one-GPU and the sharded live models: the
+    weights compared, the merge timed (per GPU where sharded)."""
+    import torch
+
+    recipe = recipe_for(method, family)
+    seconds = [merge_seconds(engine, model, recipe) for engine, model in (one, two)]
+    want, got = one[1].state_dict(), two[1].state_dict()
+    same = all(torch.equal(v, got[k].to(v.device)) for k, v in want.items())
+    close = all(torch.allclose(v.float(), got[k].to(v.device).float(), atol=ATOL, rtol=RTOL)
+                for k, v in want.items())
+    diff = max((v.float() - got[k].to(v.device).float()).abs().max().item() for k, v in want.items())
+    ok = same if method in EXACT_METHODS else close
+    per_gpu = " + ".join(f"{t * 1000:.1f}" for t in seconds[1])
+    return (f"sharded {method}", f"{'bit-identical' if same else f'max |diff| {diff:.1e}'} to one GPU; "
+            f"merge {seconds[0][0] * 1000:.1f} ms on one GPU, {per_gpu} ms on cuda:0 + cuda:1",
+            "ok" if ok else "FAIL")
+
+
+def merge_seconds(engine, model, recipe) -> list[float]:
+    """Seconds merging ``recipe`` into ``model`` on each of the engine's devices in turn
+    (the engine merges device by device, each device's tensors in one sweep)."""
+    import torch
+
+    counts = [len(shard.store.plan.specs) for shard in engine.shards]
+    ends = {sum(counts[:i + 1]): d for i, d in enumerate(engine.devices) if counts[i]}
+    marks = [time.perf_counter()]
+
+    def progress(i: int, n: int) -> None:
+        if i in ends:
+            torch.cuda.synchronize(ends[i])
+            marks.append(time.perf_counter())
+
+    engine.merge_into(model, recipe, progress=progress)
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def sharded_score(family: dict[str, str], root: Path, one, two) -> tuple[str, str, str]:
+    """A task-arithmetic candidate's perplexity on the one-GPU and the sharded live models."""
+    from transformers import AutoTokenizer
+
+    from mergesearch.config import parse_config
+    from mergesearch.evaluators import build_evaluators
+
+    config = parse_config({
+        "models": {"base": family["base"], "sources": {k: v for k, v in family.items() if k.startswith("s")}},
+        "objectives": [{"name": "ppl", "evaluator": "perplexity", "seq_len": 8, "max_tokens": 64,
+                        "batch_size": 4, "dataset": {"path": "json", "data_files": family["text"]}}]}, root=root)
+    tokenizer = AutoTokenizer.from_pretrained(family["base"])
+    recipe = recipe_for("task_arithmetic", family)
+    values = []
+    for engine, model in (one, two):
+        engine.merge_into(model, recipe)
+        ev = build_evaluators(config)[0]
+        ev.setup(model, tokenizer, engine)
+        started = time.perf_counter()
+        score = ev.score(recipe)
+        if not score.ok:
+            return ("sharded perplexity", f"scoring failed: {score.error}", "FAIL")
+        values.append((score.value, time.perf_counter() - started))
+    (a, ta), (b, tb) = values
+    rel = abs(a - b) / abs(a)
+    return ("sharded perplexity", f"one GPU {a:.6g} in {ta:.2f}s, sharded {b:.6g} in {tb:.2f}s "
+            f"(relative diff {rel:.1e})", "ok" if rel < RTOL else "FAIL")
 
 
 if __name__ == "__main__":

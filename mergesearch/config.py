@@ -229,7 +229,10 @@ class Budget(_Strict):
 
 class Workers(_Strict):
     count: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(
+        0, ge=0, description="GPUs each worker takes: below 1, a share of one GPU (its memory "
+        "shared with the other workers on it); above 1, a whole number, over which the worker "
+        "shards its live model by whole layers")
     cpus_per_worker: float = Field(1, gt=0)
     address: str | None = Field(None, description="Address of an existing Ray cluster to join (else a local one)")
     max_retries: int = Field(2, ge=0, description="Times a trial is retried when its worker dies")
@@ -240,13 +243,23 @@ class Workers(_Strict):
         "vectors (magnitude ranks, random numbers) across candidates; default: twice the "
         "weights, at most 40% of the memory available")
     device_memory_gb: float | None = Field(
-        None, gt=0, description="GiB of its device a worker may use: the live model, work buffers, the "
-        "inputs kept there and what is kept across candidates; default: 90% of the free GPU "
-        "memory, or on a CPU the host budget (the device is the host)")
+        None, gt=0, description="GiB of its device a worker may use (of each of its GPUs, where it has "
+        "several): the live model, work buffers, the inputs kept there and what is kept across "
+        "candidates; default: 90% of the free GPU memory, or on a CPU the host budget (the "
+        "device is the host)")
     host_memory_gb: float | None = Field(
         None, gt=0, description="GiB of host memory a worker may use for inputs kept off the device "
         "(pinned on a GPU); what fits in neither budget is read from the safetensors files on "
         "demand; default: 80% of the memory available at start")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        # Sharing is of one GPU: a worker cannot take one GPU and part of another.
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"{v:g} GPUs: above 1, a whole number of GPUs (the live model is sharded "
+                             "over them); a fraction only below 1 (a share of one GPU)")
+        return v
 
 
 class Config(_Strict):

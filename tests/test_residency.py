@@ -16,8 +16,9 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.recipes import recipe_for
 
-from mergesearch.config import Space, parse_config
+from mergesearch.config import parse_config
 from mergesearch.errors import ConfigError
 from mergesearch.merging import Checkpoint, MergeEngine, all_methods, load_live_model
 from mergesearch.merging.residency import (
@@ -29,9 +30,7 @@ from mergesearch.merging.residency import (
     staging_bytes,
     work_bytes,
 )
-from mergesearch.recipe import Recipe
 from mergesearch.search import Runner, SerialPool
-from mergesearch.spaces import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -125,15 +124,6 @@ def tier_budgets(paths: list[str]) -> dict[str, tuple[int, int]]:
     total = sum(s.nbytes for s in specs.values())
     return {"device": (floor + 4 * total, 0), "host": (floor, total), "mmap": (floor, 0),
             "mixed": (floor + total // 3, total // 3)}
-
-
-def recipe_for(method: str, f: dict) -> Recipe:
-    """A recipe of ``method`` over the family, drawn from the search space."""
-    sources = {k: f[k] for k in ("s0", "s1", "s2")}
-    space = SearchSpace(Space(methods=[method], layer_groups=2), f["base"], sources,
-                        Checkpoint.open(f["base"]).num_layers, seed=9)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    return space.sample(study.ask())
 
 
 @pytest.fixture(scope="module")

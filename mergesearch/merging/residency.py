@@ -23,6 +23,11 @@ copying as small ones, in fewer, longer copies that reach the copy bandwidth.
 
 The merge reads the same values in the same dtype whatever the tier, so its result is
 bit-identical across plans.
+
+A worker whose live model is sharded over several GPUs (`placement`) keeps one plan and one
+store per GPU, over the tensors placed there, each within that GPU's budget; the host
+budget is shared out between them (`plan_shards`), and the plans read as one
+(`ShardedPlan`, `ShardedStore`).
 """
 
 from __future__ import annotations
@@ -307,7 +312,7 @@ class StackStore:
         ready = None
         if self.cuda:  # the side stream waits for the kernels that read this slot last
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))  # this store's GPU, not the current one
         return self._reader.submit(self._stage, name, rows, slot, ready)
 
     def _stage(self, name: str, rows: list[int], slot: int, ready: torch.cuda.Event | None) -> torch.Tensor:
@@ -370,7 +375,8 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     try:
         cudart = torch.cuda.cudart()
         ptr = block.data_ptr()
-        torch.cuda.check_error(cudart.cudaHostRegister(ptr, size, 0))
+        # Portable: pinned for every GPU's context, as a sharded worker's GPUs all read it.
+        torch.cuda.check_error(cudart.cudaHostRegister(ptr, size, 1))  # cudaHostRegisterPortable
     except Exception:  # noqa: BLE001 - no runtime binding, or registering refused
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     weakref.finalize(block, cudart.cudaHostUnregister, ptr)
@@ -404,3 +410,93 @@ class StackView(Mapping):
 
     def __len__(self) -> int:
         return len(self.store.plan.specs)
+
+
+# ---- a worker whose live model is sharded over several devices ------------------------------
+
+
+def plan_shards(specs: list[dict[str, StackSpec]], device_budgets: list[int], host_budget: int,
+                live_bytes: list[int], device_types: list[str], mmap_ok: bool = True) -> list[ResidencyPlan]:
+    """One plan per device, over the stacks placed on it (``specs[d]``), within its own
+    budget. The host budget is shared out in proportion to what each device cannot keep
+    itself (what a plan without host memory would read from the files), so that a device
+    holding all its inputs takes none of it."""
+    overflow = [plan_residency(s, b, 0, live, t).bytes("mmap")
+                for s, b, live, t in zip(specs, device_budgets, live_bytes, device_types)]
+    total = sum(overflow)
+    hosts = [host_budget * o // total if total else host_budget // len(specs) for o in overflow]
+    return [plan_residency(s, b, h, live, t, mmap_ok=mmap_ok)
+            for s, b, h, live, t in zip(specs, device_budgets, hosts, live_bytes, device_types)]
+
+
+@dataclass
+class ShardedPlan:
+    """The plans of a sharded worker, one per device, read as one: the bytes of every tier
+    and budget summed over the devices; `describe` gives them per device."""
+
+    plans: list[ResidencyPlan]
+    devices: list[torch.device]
+
+    @property
+    def specs(self) -> dict[str, StackSpec]:
+        return {n: s for p in self.plans for n, s in p.specs.items()}
+
+    @property
+    def tiers(self) -> dict[str, tuple[str, ...]]:
+        return {n: t for p in self.plans for n, t in p.tiers.items()}
+
+    def _sum(self, field: str) -> int:
+        return sum(getattr(p, field) for p in self.plans)
+
+    live_bytes = property(lambda self: self._sum("live_bytes"))
+    work_bytes = property(lambda self: self._sum("work_bytes"))
+    staging_bytes = property(lambda self: self._sum("staging_bytes"))
+    host_staging_bytes = property(lambda self: self._sum("host_staging_bytes"))
+    device_budget = property(lambda self: self._sum("device_budget"))
+    host_budget = property(lambda self: self._sum("host_budget"))
+
+    def bytes(self, tier: str) -> int:
+        """The input bytes kept on ``tier``, over every device."""
+        return sum(p.bytes(tier) for p in self.plans)
+
+    def device_used(self) -> int:
+        return sum(p.device_used() for p in self.plans)
+
+    def spare_device(self) -> int:
+        """What is left of the device budgets, over every device."""
+        return sum(p.spare_device() for p in self.plans)
+
+    def describe(self) -> str:
+        """One line: each device's plan as `ResidencyPlan.describe` gives it."""
+        each = " | ".join(f"{label}: {p.describe().removeprefix('residency ')}"
+                          for label, p in zip(device_labels(self.devices), self.plans))
+        return f"residency over {len(self.plans)} devices: {each}"
+
+
+def device_labels(devices: list[torch.device]) -> list[str]:
+    """Names for ``devices``: ``cuda:0``; numbered where a name repeats (``cpu#1``)."""
+    names = [str(d) for d in devices]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+class ShardedStore:
+    """The stores of a sharded worker, one per device, read as one: `sweep` goes through
+    them device by device, each streaming its own stacks."""
+
+    def __init__(self, stores: list[StackStore]):
+        self.stores = stores
+        self.plan = ShardedPlan([s.plan for s in stores], [s.device for s in stores])
+        self._where = {name: s for s in stores for name in s.plan.specs}
+
+    def sweep(self, names: Iterable[str], rows: Iterable[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        """As `StackStore.sweep`, one device's stacks after the other's (each device's in
+        the order of ``names``); a stack lies on its tensor's device."""
+        names, rows = list(names), list(rows)
+        for store in self.stores:
+            yield from store.sweep([n for n in names if self._where[n] is store], rows)
+
+    def full(self, name: str) -> torch.Tensor:
+        return self._where[name].full(name)
+
+    def resident_bytes(self) -> int:
+        return sum(s.resident_bytes() for s in self.stores)

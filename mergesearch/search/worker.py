@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mergesearch.config import Config, parse_config
+from mergesearch.errors import ConfigError
 from mergesearch.evaluators import build_evaluators
 from mergesearch.merging.build import open_live
 from mergesearch.merging.engine import default_device
@@ -69,15 +70,16 @@ class CandidateWorker:
             torch.set_num_threads(threads)
         w = self.config.workers
         trust = self.config.models.trust_remote_code
-        device = torch.device(device) if device is not None else default_device()
+        devices = worker_devices(w.gpus_per_worker, device)
         # A fractional gpus_per_worker shares the GPU: plan on that share of its memory.
-        budgets = resolve_budgets(device, gib_bytes(w.device_memory_gb), gib_bytes(w.host_memory_gb),
-                                  gpu_share=min(1.0, w.gpus_per_worker or 1.0))
+        budgets = [resolve_budgets(d, gib_bytes(w.device_memory_gb), gib_bytes(w.host_memory_gb),
+                                   gpu_share=min(1.0, w.gpus_per_worker or 1.0)) for d in devices]
         with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
             self.engine, self.model = open_live(
-                base, sources.values(), device=device, dtype=self.config.models.dtype,
+                base, sources.values(), device=devices[0], dtype=self.config.models.dtype,
                 trust_remote_code=trust, cache_bytes=gib_bytes(w.cache_gb),
-                device_budget=budgets[0], host_budget=budgets[1])
+                device_budget=[b[0] for b in budgets] if len(devices) > 1 else budgets[0][0],
+                host_budget=budgets[0][1], devices=devices if len(devices) > 1 else None)
             if fisher:
                 self.load_fisher(fisher)
             self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
@@ -94,7 +96,7 @@ class CandidateWorker:
         self.engine.attach_fisher({m: load_fisher(f, self.engine.device) for m, f in files.items()})
 
     def info(self) -> dict[str, Any]:
-        return {"worker": self.name, "device": str(self.engine.device),
+        return {"worker": self.name, "device": ",".join(str(d) for d in self.engine.devices),
                 "setup_s": round(self.setup_seconds, 3),
                 "resident_mb": round(self.engine.resident_bytes() / 2**20, 1),
                 "residency": self.engine.plan.describe()}
@@ -112,8 +114,9 @@ class CandidateWorker:
                 self.engine.restore_base(self.model)
             else:
                 self.engine.merge_into(self.model, recipe)
-            if self.engine.device.type == "cuda":
-                torch.cuda.synchronize()
+            for d in self.engine.devices:  # a sharded model's merge ends on every GPU
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
         except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -141,13 +144,33 @@ def gib_bytes(gib: float | None) -> int | None:
     return None if gib is None else int(gib * 2**30)
 
 
-def device_budget(config: Config) -> int | None:
+def device_budget(config: Config) -> int | list[int] | None:
     """The device bytes each worker may use where the config says so: device_memory_gb,
-    or on a CPU worker host_memory_gb (its device is the host); else None (free memory)."""
+    or on a CPU worker host_memory_gb (its device is the host); else None (free memory).
+    A worker sharding its live model over several GPUs has that budget on each: a list."""
     w = config.workers
     if w.device_memory_gb is not None:
+        if w.gpus_per_worker > 1:
+            return [gib_bytes(w.device_memory_gb)] * int(w.gpus_per_worker)
         return gib_bytes(w.device_memory_gb)
     return None if w.gpus_per_worker else gib_bytes(w.host_memory_gb)
+
+
+def worker_devices(gpus_per_worker: float, device: str | None = None) -> list[torch.device]:
+    """The devices a worker computes on: ``device`` where given; else, for
+    ``gpus_per_worker`` above 1 with CUDA present, the first that many visible GPUs (Ray
+    makes a worker's own GPUs the visible ones), over which its live model is sharded;
+    else `default_device`. Fewer visible GPUs than asked is refused."""
+    if device is not None:
+        return [torch.device(device)]
+    if gpus_per_worker <= 1 or not torch.cuda.is_available():
+        return [default_device()]
+    wanted, visible = int(gpus_per_worker), torch.cuda.device_count()
+    if visible < wanted:
+        raise ConfigError(
+            f"workers.gpus_per_worker: {wanted} GPUs asked for each worker, {visible} visible to it "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return [torch.device(f"cuda:{i}") for i in range(wanted)]
 
 
 def _ray_node_id() -> str | None:

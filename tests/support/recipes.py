@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import torch
 import yaml
 from mergekit.config import MergeConfiguration
@@ -12,8 +13,11 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from mergesearch.merging import MergeEngine
+from mergesearch.config import Space
+from mergesearch.merging import Checkpoint, MergeEngine
 from mergesearch.merging.mergekit import from_mergekit
+from mergesearch.recipe import Recipe
+from mergesearch.spaces import SearchSpace
 
 
 def ties_recipe(f: dict, **change) -> dict:
@@ -23,6 +27,15 @@ def ties_recipe(f: dict, **change) -> dict:
                          {"model": f["s1"], "parameters": {"weight": [0.2, 0.8]}}]}
     recipe.update(change)
     return recipe
+
+
+def recipe_for(method: str, f: dict) -> Recipe:
+    """A recipe of ``method`` over family ``f``'s base and s0..s2, drawn from the search space."""
+    sources = {k: f[k] for k in ("s0", "s1", "s2")}
+    space = SearchSpace(Space(methods=[method], layer_groups=2), f["base"], sources,
+                        Checkpoint.open(f["base"]).num_layers, seed=9)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    return space.sample(study.ask())
 
 
 def write(recipe: dict, tmp_path: Path) -> Path:
