@@ -32,7 +32,7 @@ Multi-fidelity runs (`fidelity.py`) do not use it. (Checked on the demo family; 
 same for another family's generate_until tasks before trusting its cache.)
 
     python benchmarks/search_quality.py [--samplers nsga2 tpe gp random cmaes-ws tpe+warm]
-        [--family demo] [--seeds 5] [--first-seed 0] [--trials 150] [--limit 30] [--jobs 2] [--population N]
+        [--family demo] [--seeds 5] [--first-seed 0] [--trials 150] [--checkpoints 25 50 100 150] [--limit 30] [--jobs 2] [--population N]
         [--warm-start] [--shared] [--nsga2 crossover=blx alpha=0.5 mutation_prob=0.1]
         [--out benchmarks/search_quality.png] [--cache runs/benchmark/scores.sqlite | --no-cache]
 """
@@ -391,8 +391,9 @@ def best_method_curves(curves: dict[str, np.ndarray]) -> dict[str, tuple[str, np
     return best
 
 
-def report(curves: dict[str, np.ndarray], n_trials: int, best: dict[str, tuple[str, np.ndarray]]) -> None:
-    marks = sorted({c for c in CHECKPOINTS if c <= n_trials} | {n_trials})
+def report(curves: dict[str, np.ndarray], n_trials: int, best: dict[str, tuple[str, np.ndarray]],
+           checkpoints: tuple[int, ...] = CHECKPOINTS) -> None:
+    marks = sorted({c for c in checkpoints if c <= n_trials} | {n_trials})
     print("| sampler | " + " | ".join(f"HV @{c}" for c in marks) + " |")
     print("|---|" + "---|" * len(marks))
     for s, c in curves.items():
@@ -426,6 +427,8 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=None, help="NSGA-II population (default: the config's)")
     ap.add_argument("--jobs", type=int, default=2, help="searches run side by side, one process each")
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=list(CHECKPOINTS),
+                    help="trial counts the table reports (and the last trial)")
     ap.add_argument("--warm-start", action="store_true", help="every sampler with the warm start")
     ap.add_argument("--shared", action="store_true",
                     help="space.shared: one value of each per-source knob for all sources")
@@ -464,7 +467,7 @@ def main() -> None:
     print("reference point (worst of the base and the experts): "
           + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, reference)))
     every = {**summary, **{k: v for k, v in curves.items() if "[" in k}}
-    report(every, args.trials, best)
+    report(every, args.trials, best, tuple(args.checkpoints))
     info = {"family": args.family, "reference": dict(zip(names, reference.tolist())), "limit": limit,
             "trials": args.trials,
             "seeds": seeds, "best_method": {k: m for k, (m, _) in best.items()},

@@ -133,8 +133,9 @@ def test_build_shows_its_own_progress_line_and_no_transformers_bars(tmp_path):
     assert "Writing model shards" not in text and "Loading" not in text and "Warning" not in text
 
 
-def test_two_builds_agree_bit_for_bit(tmp_path):
-    first, second = build_experts(tmp_path / "a", steps=5), build_experts(tmp_path / "b", steps=5)
+def test_one_process_and_two_process_builds_agree_bit_for_bit(tmp_path):
+    first = build_experts(tmp_path / "a", steps=5, processes=1)
+    second = build_experts(tmp_path / "b", steps=5, processes=2)  # an expert trained in a child
     for name in NAMES:
         a = load_file(first[name] / "model.safetensors")
         b = load_file(second[name] / "model.safetensors")
@@ -147,7 +148,7 @@ def test_build_restores_the_callers_threads_rng_and_sigterm_handler(tmp_path):
     torch.set_num_threads(1)
     try:
         rng = torch.random.get_rng_state()
-        build_experts(tmp_path / "a", steps=1)
+        build_experts(tmp_path / "a", steps=1, processes=1)
         assert torch.get_num_threads() == 1
         assert torch.equal(torch.random.get_rng_state(), rng)
         assert signal.getsignal(signal.SIGTERM) is handler
@@ -157,5 +158,5 @@ def test_build_restores_the_callers_threads_rng_and_sigterm_handler(tmp_path):
 
 def test_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path):
     (tmp_path / ".demo-x.tmp-killed" / "base").mkdir(parents=True)
-    build_experts(tmp_path / "demo-x", steps=1)
+    build_experts(tmp_path / "demo-x", steps=1, processes=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-x.lock", "demo-x"]

@@ -6,8 +6,9 @@ it knows part of each skill. It is then copied and fine-tuned into one expert pe
 with a rank-8 LoRA adapter on every projection, merged into full weights, on that skill's
 whole ``train`` split with the base's own data mixed back in: small, low-rank moves that
 keep what the base knew, as users' fine-tunes of a capable base are. Merging such experts
-works (`benchmarks/RESULTS.md`, "The demo family"). About three minutes of one CPU core;
-cached on disk, in a folder named for what builds it, and reused.
+works (`benchmarks/RESULTS.md`, "The demo family"). About 2.7 minutes of CPU, of which
+the experts' part runs in two processes where two cores are free; cached on disk, in a
+folder named for what builds it, and reused.
 
 The result must not depend on the installed transformers' defaults (weight init, attention
 kernel, dtype) nor on the machine's core count: the weights start from a seeded generator
@@ -71,11 +72,12 @@ def cache_dir() -> Path:
 
 
 def build_experts(cache: str | Path | None = None, force: bool = False,
-                  steps: int | None = None) -> dict[str, Path]:
+                  steps: int | None = None, processes: int | None = None) -> dict[str, Path]:
     """Folders of the base and the experts (``base``, ``add``, ``reverse``, ``sort``),
     built on first use. The cache folder appears whole or not at all; processes that ask
     at the same time wait for one build. ``steps`` (tests only) trains every model that
-    many steps instead of `STEPS`."""
+    many steps instead of `STEPS`; ``processes`` (1 or 2; default `default_processes`)
+    trains the experts in that many processes, with the same result."""
     root = Path(cache) if cache else cache_dir()
     paths = {name: root / name for name in NAMES}
     if not force and _complete(paths):
@@ -83,7 +85,7 @@ def build_experts(cache: str | Path | None = None, force: bool = False,
     root.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root.parent / f".{root.name}.lock"):
         if force or not _complete(paths):  # another process may have built it while we waited
-            _build(root, steps)
+            _build(root, steps, processes or default_processes())
     return paths
 
 
@@ -118,7 +120,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(root: Path, steps: int | None) -> None:
+def _build(root: Path, steps: int | None, processes: int) -> None:
     """Train into a temporary folder beside ``root``, then rename it into place. Called with
     the lock held, so leftovers of builds that were killed outright are removed first. A
     complete folder being replaced (``force``) is renamed aside, then removed: files that
@@ -131,7 +133,7 @@ def _build(root: Path, steps: int | None) -> None:
         tmp.mkdir(0o777)
         try:
             with _reproducible(), quiet_libraries():
-                _train_all(tmp, steps)
+                _train_all(tmp, steps, processes)
             if root.exists():
                 os.replace(root, tmp / "replaced")
             os.replace(tmp, root)
@@ -180,20 +182,22 @@ def _reproducible() -> Iterator[None]:
 
 
 @contextmanager
-def _progress(steps: dict[str, int]) -> Iterator[Callable[[str, int], None]]:
-    """One transient line on stderr, ``building demo experts (once): sort 120/260 steps``;
+def _progress(steps: dict[str, int], elsewhere: list[str]) -> Iterator[Callable[[str, int], None]]:
+    """One transient line on stderr, ``building demo experts (once): sort 120/200 steps``
+    for the models trained here (``elsewhere``: those a second process trains, named after);
     yields ``advance(model, done)``. Where stderr is no terminal, one plain line instead."""
     from rich.console import Console
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    also = f" ({', '.join(elsewhere)} beside, in a second process)" if elsewhere else ""
     if not console.is_interactive:
-        print(f"building demo experts (once): {', '.join(steps)} ({sum(steps.values())} steps)",
-              file=sys.stderr, flush=True)
+        print(f"building demo experts (once): {', '.join(steps)} ({sum(steps.values())} steps)"
+              f"{also}", file=sys.stderr, flush=True)
         yield lambda name, done: None
         return
     columns = (TextColumn("building demo experts (once): {task.description} "
-                          "{task.completed}/{task.total} steps"), TimeElapsedColumn())
+                          "{task.completed}/{task.total} steps" + also), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         first = next(iter(steps))
         task = bar.add_task(first, total=steps[first])
@@ -283,20 +287,89 @@ def _training_mix() -> dict[str, Mix]:
     return mix
 
 
-def _train_all(out: Path, steps: int | None = None) -> None:
+def _train_all(out: Path, steps: int | None = None, processes: int = 1) -> None:
+    """The base, then the experts: with ``processes`` 2, those of `_expert_split`'s second
+    group in a second process (one thread each, so the result is the same either way)."""
     tok = char_tokenizer()
-    mix = _training_mix()
     plan = {name: steps or STEPS[name] for name in NAMES}
-    with _progress(plan) as progress:
+    mine, theirs = _expert_split(plan) if processes > 1 else (list(SKILLS), [])
+    shown = {name: plan[name] for name in ("base", *mine)}
+    with _progress(shown, theirs) as progress:
         base = _model(len(tok), seed=0)
-        _train(base, tok, mix["base"], plan["base"], LR["base"], seed=1,
+        _train(base, tok, _training_mix()["base"], plan["base"], LR["base"], seed=1,
                advance=lambda done: progress("base", done))
         _save(base, tok, out / "base")
-        for i, skill in enumerate(SKILLS):
-            adapted = _with_adapter(copy.deepcopy(base), seed=20 + i)
-            _train(adapted, tok, mix[skill], plan[skill], LR[skill], seed=10 + i,
-                   advance=lambda done, s=skill: progress(s, done))
-            _save(adapted.merge_and_unload(), tok, out / skill)
+        with _second_process(out, theirs, steps):
+            _train_experts(base, tok, out, mine, plan, progress)
+
+
+def _train_experts(base, tok, out: Path, skills: list[str], plan: dict[str, int],
+                   progress: Callable[[str, int], None]) -> None:
+    """Each of ``skills``' expert: ``base`` with a seeded LoRA adapter, trained, merged, saved."""
+    mix = _training_mix()
+    for skill in skills:
+        i = SKILLS.index(skill)
+        adapted = _with_adapter(copy.deepcopy(base), seed=20 + i)
+        _train(adapted, tok, mix[skill], plan[skill], LR[skill], seed=10 + i,
+               advance=lambda done, s=skill: progress(s, done))
+        _save(adapted.merge_and_unload(), tok, out / skill)
+
+
+def _expert_split(plan: dict[str, int]) -> tuple[list[str], list[str]]:
+    """The experts in two groups of about equal steps: the largest alone in the second
+    process (which starts a few seconds late, importing torch), the rest here."""
+    largest = max(SKILLS, key=lambda s: plan[s])
+    return [s for s in SKILLS if s != largest], [largest]
+
+
+@contextmanager
+def _second_process(out: Path, skills: list[str], steps: int | None) -> Iterator[None]:
+    """Train ``skills``' experts in a spawned process while the body runs; wait for it
+    after, and stop it if the body fails (or SIGTERM ends the build)."""
+    if not skills:
+        yield
+        return
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_train_elsewhere, args=(str(out), skills, steps, os.getpid()), daemon=True)
+    child.start()
+    try:
+        yield
+        child.join()
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"building the demo experts {', '.join(skills)} in a second process "
+                           f"failed (exit status {child.exitcode})")
+
+
+def _train_elsewhere(out: str, skills: list[str], steps: int | None, parent: int) -> None:
+    """A spawned process's part of the build: the saved base, reloaded bit for bit, then
+    ``skills``' experts; it stops when the building process is gone."""
+    from safetensors.torch import load_file
+
+    def advance(name: str, done: int) -> None:
+        if os.getppid() != parent:
+            raise SystemExit("the process building the demo experts has ended")
+
+    tok = char_tokenizer()
+    plan = {name: steps or STEPS[name] for name in NAMES}
+    with _reproducible(), quiet_libraries():
+        base = _model(len(tok), seed=0)
+        base.load_state_dict(load_file(Path(out) / "base" / "model.safetensors"))
+        base.eval()
+        _train_experts(base, tok, Path(out), skills, plan, advance)
+
+
+def default_processes() -> int:
+    """Two where two cores are ours and this process may start children, else one."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 if cores >= 2 and not multiprocessing.current_process().daemon else 1
 
 
 def _with_adapter(model, seed: int):

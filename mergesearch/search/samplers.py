@@ -9,6 +9,7 @@ also name a spec as ``sampler.name: package.module:attr``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,8 +69,11 @@ def _tpe(config: Config, seed: int) -> optuna.samplers.BaseSampler:
     # multivariate + group: a joint density over the knobs of each method (the space is
     # conditional on the method); constant_liar: trials in flight count as bad, so that
     # parallel workers are not handed the same region.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(config),
-                                      multivariate=True, group=True, constant_liar=True)
+    # Experimental in Optuna's terms since 2.2-3.0; the warning would reach every user's run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(config),
+                                          multivariate=True, group=True, constant_liar=True)
 
 
 @sampler("gp", flat_space=True)
