@@ -19,12 +19,10 @@ number of threads, so two builds agree bit for bit.
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import importlib.metadata
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mergesearch.demo.cache import cache_root, cached_build
 from mergesearch.demo.skills import SKILLS, examples, is_basic
 from mergesearch.demo.tokenizer import char_tokenizer
 from mergesearch.errors import ConfigError
@@ -67,26 +66,24 @@ def cache_key(sources: Path = HERE, versions: tuple[str, ...] | None = None) -> 
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MERGESEARCH_CACHE") or Path.home() / ".cache" / "mergesearch"
-    return Path(root) / cache_key()
+    return cache_root() / cache_key()
 
 
 def build_experts(cache: str | Path | None = None, force: bool = False,
                   steps: int | None = None, processes: int | None = None) -> dict[str, Path]:
     """Folders of the base and the experts (``base``, ``add``, ``reverse``, ``sort``),
     built on first use. The cache folder appears whole or not at all; processes that ask
-    at the same time wait for one build. ``steps`` (tests only) trains every model that
-    many steps instead of `STEPS`; ``processes`` (1 or 2; default `default_processes`)
-    trains the experts in that many processes, with the same result."""
-    root = Path(cache) if cache else cache_dir()
-    paths = {name: root / name for name in NAMES}
-    if not force and _complete(paths):
-        return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
-        if force or not _complete(paths):  # another process may have built it while we waited
-            _build(root, steps, processes or default_processes())
-    return paths
+    at the same time wait for one build (`cache.cached_build`). ``steps`` (tests only)
+    trains every model that many steps instead of `STEPS`; ``processes`` (1 or 2; default
+    `default_processes`) trains the experts in that many processes, with the same result."""
+
+    def build(tmp: Path) -> None:
+        with _reproducible(), quiet_libraries():
+            _train_all(tmp, steps, processes or default_processes())
+
+    with _terminate_raises():  # a build stopped by SIGTERM removes its temporary folder
+        return cached_build(Path(cache) if cache else cache_dir(), NAMES, build,
+                            "the demo experts", force)
 
 
 def resolve_model(ref: str) -> str:
@@ -98,49 +95,6 @@ def resolve_model(ref: str) -> str:
         raise ConfigError(f"models: unknown demo model {ref!r}; known: "
                           + ", ".join(f"demo:{n}" for n in NAMES))
     return str(build_experts()[name])
-
-
-def _complete(paths: dict[str, Path]) -> bool:
-    return all((p / "model.safetensors").exists() for p in paths.values())
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive `flock` on ``path``: one build at a time across processes. The lock
-    file stays (removing it would let a third process lock a different file)."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("waiting for another process building the demo experts", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _build(root: Path, steps: int | None, processes: int) -> None:
-    """Train into a temporary folder beside ``root``, then rename it into place. Called with
-    the lock held, so leftovers of builds that were killed outright are removed first. A
-    complete folder being replaced (``force``) is renamed aside, then removed: files that
-    readers have open stay readable."""
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    with _terminate_raises():
-        # Not mkdtemp's 0700: the cache is readable as the umask allows, like any folder.
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        tmp.mkdir(0o777)
-        try:
-            with _reproducible(), quiet_libraries():
-                _train_all(tmp, steps, processes)
-            if root.exists():
-                os.replace(root, tmp / "replaced")
-            os.replace(tmp, root)
-            shutil.rmtree(root / "replaced", ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 _terminated = threading.Event()  # SIGTERM came during a build (see _terminate_raises)

@@ -12,18 +12,14 @@ folder named for what builds it; ``smol:<name>`` model references resolve to it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from mergesearch.demo.cache import cache_root, cached_build
 from mergesearch.demo.gguf import gguf_to_folder
 from mergesearch.demo.lora import LoraPlan, build_lora_expert
 from mergesearch.demo.smol_skills import SKILLS, training_pairs
@@ -66,27 +62,20 @@ def cache_key(gguf: Path, sources: Path = HERE) -> str:
     return f"smol-{digest.hexdigest()[:12]}"
 
 
-def cache_root() -> Path:
-    """Where the demo families are cached: ``$MERGESEARCH_CACHE`` or ~/.cache/mergesearch."""
-    return Path(os.environ.get("MERGESEARCH_CACHE") or Path.home() / ".cache" / "mergesearch")
-
-
 def build_family(cache: str | Path | None = None, gguf: str | Path | None = None,
                  force: bool = False, plans: dict[str, LoraPlan] | None = None) -> dict[str, Path]:
     """Folders of the base and the experts (``base`` and one per skill), built on first
     use from ``gguf`` (default: `gguf_file`). The cache folder appears whole or not at all;
-    processes that ask at the same time wait for one build. ``plans`` (tests) replaces
-    `PLANS`; a different plan should go with a different ``cache``."""
+    processes that ask at the same time wait for one build (`cache.cached_build`).
+    ``plans`` (tests) replaces `PLANS`; a different plan should go with a different ``cache``."""
     gguf = Path(gguf) if gguf else gguf_file()
-    root = Path(cache) if cache else cache_root() / cache_key(gguf)
-    paths = {name: root / name for name in NAMES}
-    if not force and _complete(paths):
-        return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
-        if force or not _complete(paths):  # another process may have built it while we waited
-            _build(root, gguf, plans or PLANS)
-    return paths
+
+    def build(tmp: Path) -> None:
+        with quiet_libraries():
+            _build_into(tmp, gguf, plans or PLANS)
+
+    return cached_build(Path(cache) if cache else cache_root() / cache_key(gguf), NAMES, build,
+                        "the SmolLM2 family", force)
 
 
 def resolve_model(ref: str) -> str:
@@ -98,46 +87,6 @@ def resolve_model(ref: str) -> str:
         raise ConfigError(f"models: unknown smol model {ref!r}; known: "
                           + ", ".join(f"smol:{n}" for n in NAMES))
     return str(build_family()[name])
-
-
-def _complete(paths: dict[str, Path]) -> bool:
-    return all((p / "model.safetensors").exists() for p in paths.values())
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive `flock` on ``path``: one build at a time across processes. The lock
-    file stays (removing it would let a third process lock a different file)."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say("waiting for another process building the SmolLM2 family")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _build(root: Path, gguf: Path, plans: dict[str, LoraPlan]) -> None:
-    """Build into a temporary folder beside ``root``, then rename it into place. Called
-    with the lock held, so leftovers of builds that were killed are removed first; a
-    folder being replaced (``force``) is renamed aside, then removed."""
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    tmp.mkdir(0o777)  # not mkdtemp's 0700: the cache is readable as the umask allows
-    try:
-        with quiet_libraries():
-            _build_into(tmp, gguf, plans)
-        if root.exists():
-            os.replace(root, tmp / "replaced")
-        os.replace(tmp, root)
-        shutil.rmtree(root / "replaced", ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build_into(out: Path, gguf: Path, plans: dict[str, LoraPlan]) -> None:
