@@ -418,3 +418,22 @@ def test_worker_scores_the_next_candidate_as_before_after_running_out_of_memory(
     assert first.error is None
     assert failed.error.startswith("m: MemoryError: Unable to allocate") and failed.values == {}
     assert again.error is None and again.values == first.values
+
+
+# ---- an evaluator registered by name in the driver ------------------------------------------
+
+
+def test_an_evaluator_registered_by_name_in_the_driver_scores_on_ray_workers(families, tmp_path, ray_session):
+    from fault_evaluators import FaultyEvaluator
+
+    from mergesearch.evaluators import EVALUATORS, register_evaluator
+
+    if "driver_registered" not in EVALUATORS:
+        register_evaluator("driver_registered", FaultyEvaluator)  # the workers' imports never do
+    config = config_for(families, tmp_path, objectives=[
+        {"name": "m", "evaluator": "driver_registered", "direction": "maximize"}],
+        space={"methods": ["task_arithmetic"]}, sampler={"name": "random", "seed": 3},
+        budget={"n_trials": 2}, workers={"count": 1, "cpus_per_worker": 1, "max_retries": 0})
+    trials = Runner(config).run().trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(t.values == [t.user_attrs["scores"]["m"]] and abs(t.values[0]) < 1 for t in trials)

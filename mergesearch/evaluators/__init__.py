@@ -23,12 +23,29 @@ EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
 EVALUATORS.register("lm_eval", "mergesearch.evaluators.lm_eval:LmEvalEvaluator")
 EVALUATORS.register("perplexity", "mergesearch.evaluators.perplexity:PerplexityEvaluator")
 EVALUATORS.register("cost", "mergesearch.evaluators.cost:CostEvaluator")
+BUILT_IN = frozenset(EVALUATORS)
 
 
 def register_evaluator(name: str, cls: type[Evaluator] | str) -> None:
     """Make ``cls`` (an `Evaluator` subclass, or ``"package.module:Class"``) the evaluator
     called ``name`` in configs. A name is taken once."""
     EVALUATORS.register(name, cls)
+
+
+def registered_evaluators(config: Config) -> dict[str, type[Evaluator]]:
+    """The evaluators ``config`` names that were registered in this process by name (not
+    the built-in ones, nor ``package.module:Class``): a worker in another process (a Ray
+    actor) knows only what its own imports register, so these travel with it."""
+    names = {o.evaluator for o in [*config.objectives, *config.heldout]}
+    return {n: evaluator_class(n) for n in sorted(names) if n in EVALUATORS and n not in BUILT_IN}
+
+
+def adopt_evaluators(evaluators: dict[str, type[Evaluator]]) -> None:
+    """Register, in a worker's process, the evaluators its driver registered by name
+    (`registered_evaluators`); names this process knows already are left as they are."""
+    for name, cls in evaluators.items():
+        if name not in EVALUATORS:
+            EVALUATORS.register(name, cls)
 
 
 def evaluator_class(name: str) -> type[Evaluator]:
@@ -106,4 +123,5 @@ def score_all(evaluators: list[Evaluator], recipe=None) -> list[Score]:
 
 
 __all__ = ["EVALUATORS", "Evaluator", "EvaluatorOptions", "Score", "build_evaluators", "check_objectives",
-           "evaluator_class", "objective_options", "options_schemas", "register_evaluator", "score_all"]
+           "evaluator_class", "objective_options", "options_schemas", "register_evaluator",
+           "registered_evaluators", "adopt_evaluators", "score_all"]

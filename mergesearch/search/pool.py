@@ -19,6 +19,7 @@ from typing import Any
 
 from mergesearch.config import Config
 from mergesearch.errors import StudyError
+from mergesearch.evaluators import registered_evaluators
 from mergesearch.recipe import Recipe
 from mergesearch.search.cluster import worker_env
 from mergesearch.search.worker import CandidateResult, CandidateWorker, ray_worker_class
@@ -158,7 +159,8 @@ class RayPool(WorkerPool):
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
             runtime_env={"env_vars": env}, name=None,
         ).remote(self.config.snapshot(), self.base, self.sources,
-                 threads=max(1, int(w.cpus_per_worker)), fisher=self.fisher)
+                 threads=max(1, int(w.cpus_per_worker)), fisher=self.fisher,
+                 evaluators=registered_evaluators(self.config))
 
     def _start_workers(self, timeout_s: float) -> list[dict[str, Any]]:
         import ray

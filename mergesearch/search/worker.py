@@ -19,7 +19,7 @@ import torch
 
 from mergesearch.config import Config, parse_config
 from mergesearch.errors import ConfigError
-from mergesearch.evaluators import build_evaluators
+from mergesearch.evaluators import Evaluator, adopt_evaluators, build_evaluators
 from mergesearch.merging.build import open_live
 from mergesearch.merging.engine import default_device
 from mergesearch.merging.fisher_info import load_fisher
@@ -59,10 +59,12 @@ class CandidateWorker:
 
     def __init__(self, snapshot: dict[str, Any], base: str, sources: dict[str, str],
                  heldout: bool = False, device: str | None = None, threads: int | None = None,
-                 fisher: dict[str, str] | None = None):
+                 fisher: dict[str, str] | None = None,
+                 evaluators: dict[str, type[Evaluator]] | None = None):
         from transformers import AutoTokenizer
 
         started = time.perf_counter()
+        adopt_evaluators(evaluators or {})  # those the driver registered by name
         data = dict(snapshot)
         root = Path(data.pop("root", "."))
         self.config = parse_config(data, source="config snapshot", root=root)
