@@ -325,3 +325,28 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_fails(monkeypatch, caps
     lines = (out.out + out.err).strip().splitlines()
     assert len(lines) == 1 and "no NVIDIA GPU" in lines[0]
     assert not any(ch.isdigit() for ch in lines[0])
+
+
+# ---- several workers on one node share its host memory --------------------------------------
+
+
+def test_a_ray_worker_plans_on_its_share_of_the_nodes_cpus_of_the_host_memory(ray_session):
+    from mergesearch.search.worker import node_share
+
+    class Probe:  # a Ray actor, as a worker is
+        def share(self, cpus: float, gpus: float) -> float:
+            return node_share(cpus, gpus)
+
+    assert ray_session.cluster_resources()["CPU"] == 2  # the test session's Ray
+    probe = ray_session.remote(num_cpus=1)(Probe).remote()
+    assert ray_session.get(probe.share.remote(1, 0)) == 0.5  # two such workers fit the node
+    assert ray_session.get(probe.share.remote(2, 0)) == 1.0
+    ray_session.kill(probe)
+    assert node_share(1, 0) == 1.0  # the driver, or a worker in process, has the node to itself
+
+
+def test_host_budget_is_the_share_of_the_available_memory():
+    cpu = torch.device("cpu")
+    whole, _ = resolve_budgets(cpu)
+    half, _ = resolve_budgets(cpu, host_share=0.5)
+    assert abs(half - whole / 2) < 0.05 * whole  # the free memory moves a little in between

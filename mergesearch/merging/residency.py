@@ -114,13 +114,15 @@ def staging_bytes(specs: Mapping[str, StackSpec]) -> int:
 
 
 def resolve_budgets(device: torch.device, device_bytes: int | None = None,
-                    host_bytes: int | None = None, gpu_share: float = 1.0) -> tuple[int, int]:
+                    host_bytes: int | None = None, gpu_share: float = 1.0,
+                    host_share: float = 1.0) -> tuple[int, int]:
     """The (device, host) bytes a worker plans on: those given, else shares of the memory
     free now; a worker given ``gpu_share`` of a GPU (fractional ``gpus_per_worker``) plans
-    on at most that share of its memory, which the other workers on it share. On a CPU the
-    device is the host: without a device budget, the host budget covers everything and the
-    host tier is empty (it would be the same memory)."""
-    available = int(HOST_SHARE * psutil.virtual_memory().available)
+    on at most that share of its memory, which the other workers on it share, and one
+    given ``host_share`` of its node (`node_share`) on that share of the host's. On a CPU
+    the device is the host: without a device budget, the host budget covers everything and
+    the host tier is empty (it would be the same memory)."""
+    available = int(HOST_SHARE * host_share * psutil.virtual_memory().available)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         free = min(free, int(gpu_share * total))

@@ -73,9 +73,12 @@ class CandidateWorker:
         w = self.config.workers
         trust = self.config.models.trust_remote_code
         devices = worker_devices(w.gpus_per_worker, device)
-        # A fractional gpus_per_worker shares the GPU: plan on that share of its memory.
+        # A fractional gpus_per_worker shares the GPU: plan on that share of its memory; and
+        # on the share of the host's that the node's other workers leave.
+        share = node_share(w.cpus_per_worker, w.gpus_per_worker)
         budgets = [resolve_budgets(d, gib_bytes(w.device_memory_gb), gib_bytes(w.host_memory_gb),
-                                   gpu_share=min(1.0, w.gpus_per_worker or 1.0)) for d in devices]
+                                   gpu_share=min(1.0, w.gpus_per_worker or 1.0), host_share=share)
+                   for d in devices]
         with quiet_libraries():  # loading bars, lm-eval's task indexing and set-up logs
             self.engine, self.model = open_live(
                 base, sources.values(), device=devices[0], dtype=self.config.models.dtype,
@@ -173,6 +176,23 @@ def worker_devices(gpus_per_worker: float, device: str | None = None) -> list[to
             f"workers.gpus_per_worker: {wanted} GPUs asked for each worker, {visible} visible to it "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     return [torch.device(f"cuda:{i}") for i in range(wanted)]
+
+
+def node_share(cpus: float, gpus: float) -> float:
+    """The share of its node's host memory a worker plans on: in a Ray actor, its share of
+    the node's CPUs or of its GPUs, whichever is larger (Ray places no more such workers on
+    the node than that allows, and each would otherwise plan on all of it); 1 elsewhere."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return 1.0
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return 1.0
+    node = ray.get_runtime_context().get_node_id()
+    held = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+    shares = [cpus / held["CPU"] if held.get("CPU") else 0.0,
+              gpus / held["GPU"] if gpus and held.get("GPU") else 0.0]
+    return min(1.0, max(shares)) or 1.0
 
 
 def _ray_node_id() -> str | None:
