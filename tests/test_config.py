@@ -61,11 +61,11 @@ def test_shipped_configs_load():
     assert cluster.workers.gpus_per_worker == 1
 
 
-def test_defaults_pick_tpe_with_a_warm_start_for_any_number_of_objectives():
+def test_defaults_pick_tpe_without_a_warm_start_for_any_number_of_objectives():
     two = with_(objectives=[{"name": "a", "tasks": ["t"], "metric": "acc,none"},
                             {"name": "b", "evaluator": "cost"}])
-    assert (parse_config(two).sampler.name, parse_config(two).sampler.warm_start) == ("tpe", True)
-    assert (parse_config(MINIMAL).sampler.name, parse_config(MINIMAL).sampler.warm_start) == ("tpe", True)
+    assert (parse_config(two).sampler.name, parse_config(two).sampler.warm_start) == ("tpe", False)
+    assert (parse_config(MINIMAL).sampler.name, parse_config(MINIMAL).sampler.warm_start) == ("tpe", False)
 
 
 def test_population_defaults_to_twice_the_workers_at_least_16():
