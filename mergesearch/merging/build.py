@@ -32,13 +32,10 @@ def open_live(base: str, sources: Iterable[str], device: str | torch.device | No
     With several ``devices`` (``device_budget`` then one budget each, or one for all) the
     live model is sharded over them by whole layers (`placement`), each tensor merged on
     its parameter's device; two CPU "devices" run the same path, for tests."""
-    ckpt = Checkpoint.open(base)
-    sharded = devices is not None and len(devices) > 1
     engine = MergeEngine(base, list(sources), device=device, cache_bytes=cache_bytes,
                          device_budget=device_budget, host_budget=host_budget,
-                         live_bytes=live_tensor_bytes(ckpt, dtype) if sharded else live_bytes(ckpt, dtype),
-                         devices=devices)
-    if not sharded:
+                         live_bytes=live_tensor_bytes(Checkpoint.open(base), dtype), devices=devices)
+    if len(engine.devices) == 1:
         return engine, load_live_model(engine.base.path, engine.device, dtype, trust_remote_code=trust_remote_code)
     model = load_live_model(engine.base.path, "cpu", dtype, trust_remote_code=trust_remote_code)
     return engine, dispatch_live(engine, model)

@@ -83,8 +83,7 @@ class CandidateWorker:
             self.engine, self.model = open_live(
                 base, sources.values(), device=devices[0], dtype=self.config.models.dtype,
                 trust_remote_code=trust, cache_bytes=gib_bytes(w.cache_gb),
-                device_budget=[b[0] for b in budgets] if len(devices) > 1 else budgets[0][0],
-                host_budget=budgets[0][1], devices=devices if len(devices) > 1 else None)
+                device_budget=[b[0] for b in budgets], host_budget=budgets[0][1], devices=devices)
             if fisher:
                 self.load_fisher(fisher)
             self.tokenizer = AutoTokenizer.from_pretrained(self.engine.base.path, trust_remote_code=trust)
