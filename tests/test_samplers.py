@@ -1,6 +1,6 @@
 """The samplers for a small budget (issue 16): TPE and GP model the results after a few
-trials drawn at random, TPE jointly per method and lying about trials in flight, GP with
-log EHVI for several objectives; and the smaller space, one value per knob for all
+trials drawn at random, TPE jointly per method and lying about trials in flight, GP per
+method with log EHVI for several objectives; and the smaller space, one value per knob for all
 sources (``space.shared``)."""
 
 from __future__ import annotations
@@ -39,27 +39,25 @@ def test_tpe_is_multivariate_by_method_and_lies_about_trials_in_flight():
     assert (tpe._multivariate, tpe._group, tpe._constant_liar, tpe._n_startup_trials) == (True, True, True, 10)
 
 
-def test_gp_takes_the_configured_startup_trials():
-    gp = build_sampler(config({"name": "gp", "n_startup_trials": 4}))
-    assert isinstance(gp, optuna.samplers.GPSampler) and gp._n_startup_trials == 4
-
-
-def test_gp_proposes_for_several_objectives_with_trials_in_flight():
-    """Past its startup trials GPSampler models the results (log EHVI; qLogEHVI over the
-    running trials' parameters), on the flat space it is given."""
-    space = SearchSpace(Space(methods=["ties", "task_arithmetic"]), BASE, SOURCES, 4, flat=True)
-    study = optuna.create_study(directions=["maximize", "maximize"],
-                                sampler=build_sampler(config({"name": "gp", "n_startup_trials": 3})))
+def test_gp_models_each_method_of_the_space_with_a_trial_in_flight():
+    """Past its startup trials the GP sampler proposes each method's knobs from a GP of that
+    method's trials (the space stays conditional: a trial draws only its method's knobs),
+    with one trial in flight throughout; every recipe is valid."""
+    space = SearchSpace(Space(methods=["ties", "task_arithmetic"]), BASE, SOURCES, 4)
+    sampler = build_sampler(config({"name": "gp", "n_startup_trials": 4}))
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
     running = None
-    for _ in range(6):
+    for _ in range(16):
         trial = study.ask()
         recipe = space.sample(trial)
         validate_recipe(recipe, 4)
+        assert all(n == "method" or n.startswith(f"{recipe.method}.") for n in trial.params)
         if running is None:  # one trial stays in flight throughout
             running = trial
             continue
         study.tell(trial, [recipe.models[0].parameters["weight"], recipe.models[1].parameters["weight"]])
-    assert len(study.trials) == 6 and running.number == 0
+    assert len(study.trials) == 16 and running.number == 0
+    assert set(sampler._models) <= {"ties", "task_arithmetic"} and sampler._models
 
 
 def test_a_shared_space_has_one_value_per_knob_for_every_source():

@@ -10,6 +10,7 @@ import pytest
 from mergesearch.config import ConfigError, Space
 from mergesearch.merging import all_methods, validate_recipe
 from mergesearch.recipe import Recipe, evaluate_setting
+from mergesearch.search.methodwise import methodwise_gp
 from mergesearch.spaces import SearchSpace
 
 BASE = "/m/base"
@@ -68,7 +69,8 @@ def test_a_stored_trial_rebuilds_its_recipe_from_sqlite_and_when_enqueued(tmp_pa
     optuna.samplers.RandomSampler(seed=0),
     optuna.samplers.TPESampler(seed=0, n_startup_trials=4, multivariate=True),
     optuna.samplers.CmaEsSampler(seed=0, n_startup_trials=4),
-], ids=["random", "tpe", "cmaes"])
+    methodwise_gp(seed=0, n_startup_trials=4),
+], ids=["random", "tpe", "cmaes", "gp"])
 def test_single_objective_samplers_drive_the_space(sampler):
     ss = SearchSpace(Space(methods=["ties", "della"], layer_groups=2), BASE, SOURCES, 4)
     study = optuna.create_study(direction="maximize", sampler=sampler)

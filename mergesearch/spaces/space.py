@@ -93,7 +93,7 @@ class SearchSpace:
     def sample(self, trial: optuna.Trial) -> Recipe:
         """The trial's recipe. With ``flat``, every method's knobs are sampled in every
         trial (those of the methods not chosen go unused): samplers that evolve only the
-        dimensions all trials share (NSGA-II/III, GP, CMA-ES) then evolve every knob
+        dimensions all trials share (NSGA-II/III, CMA-ES) then evolve every knob
         instead of the method alone."""
         names = list(self.methods)
         name = names[0] if len(names) == 1 else trial.suggest_categorical("method", names)
