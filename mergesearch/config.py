@@ -292,7 +292,7 @@ class Config(_Strict):
         if self.sampler.name == "cmaes" and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes handles a single objective; use nsga2, nsga3, tpe, gp or random")
         if self.sampler.name is None:
-            self.sampler.name = "tpe"  # with the warm start: benchmarks/RESULTS.md, "Search quality"
+            self.sampler.name = "tpe"  # benchmarks/RESULTS.md, "Search quality"
         return self
 
     # ---- derived values --------------------------------------------------------------

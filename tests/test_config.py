@@ -55,7 +55,7 @@ def option_refusal(data: dict) -> str:
 def test_shipped_configs_load():
     demo = load_config(ROOT / "mergesearch" / "demo" / "demo.yaml")
     assert [o.name for o in demo.objectives] == ["add", "reverse", "sort"]
-    assert (demo.sampler.name, demo.sampler.warm_start) == ("tpe", True)
+    assert (demo.sampler.name, demo.sampler.warm_start) == ("gp", True)
     assert demo.include_paths() == [str(ROOT / "mergesearch" / "demo" / "tasks")]
     cluster = load_config(ROOT / "configs" / "mistral7b-cluster.yaml")
     assert cluster.workers.gpus_per_worker == 1
