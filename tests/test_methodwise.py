@@ -32,11 +32,16 @@ class Recording(optuna.samplers.RandomSampler):
         return {name: d.low for name, d in search_space.items()}  # every knob here is a float
 
 
-def test_each_methods_model_sees_only_its_own_trials_and_dimensions():
+def recorded_study(n_startup_trials: int, min_trials: int) -> optuna.Study:
+    """A study whose per-method models are `Recording`s (their record emptied)."""
     Recording.seen = []
     sampler = MethodwiseSampler(optuna.samplers.RandomSampler(seed=1), lambda: Recording(seed=2),
-                                n_startup_trials=6, min_trials=3, seed=0)
-    study = optuna.create_study(directions=["maximize"] * 2, sampler=sampler)
+                                n_startup_trials=n_startup_trials, min_trials=min_trials, seed=0)
+    return optuna.create_study(directions=["maximize"] * 2, sampler=sampler)
+
+
+def test_each_methods_model_sees_only_its_own_trials_and_dimensions():
+    study = recorded_study(n_startup_trials=6, min_trials=3)
     study.optimize(two_methods, n_trials=30)
     assert Recording.seen, "no model was asked"
     for dims, methods, n in Recording.seen:
@@ -48,10 +53,7 @@ def test_each_methods_model_sees_only_its_own_trials_and_dimensions():
 
 
 def test_the_first_trials_are_drawn_at_random_until_the_startup_count():
-    Recording.seen = []
-    sampler = MethodwiseSampler(optuna.samplers.RandomSampler(seed=1), lambda: Recording(seed=2),
-                                n_startup_trials=8, min_trials=1, seed=0)
-    study = optuna.create_study(directions=["maximize"] * 2, sampler=sampler)
+    study = recorded_study(n_startup_trials=8, min_trials=1)
     study.optimize(two_methods, n_trials=8)
     assert Recording.seen == []
     study.optimize(two_methods, n_trials=1)

@@ -34,8 +34,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-METHOD = "method"  # the categorical `SearchSpace` draws first when it searches several methods
-SHARED_PREFIXES = ("lines.",)  # dimensions every method's recipe reads
+from mergesearch.spaces.space import LINES_PREFIX, METHOD_PARAM
 
 
 class MethodwiseSampler(BaseSampler):
@@ -64,12 +63,12 @@ class MethodwiseSampler(BaseSampler):
             return {}
         chosen: dict[str, Any] = {}
         method = None
-        if METHOD in search_space:
-            method = self._chooser.sample_independent(study, trial, METHOD, search_space[METHOD])
-            chosen[METHOD] = method
+        if METHOD_PARAM in search_space:
+            method = self._chooser.sample_independent(study, trial, METHOD_PARAM, search_space[METHOD_PARAM])
+            chosen[METHOD_PARAM] = method
         own = {name: d for name, d in search_space.items() if _belongs(name, method)}
         view = _MethodView(study, method)
-        if own and len(view.trials((TrialState.COMPLETE,))) >= self._min_trials:
+        if own and len(view._get_trials(states=(TrialState.COMPLETE,))) >= self._min_trials:
             model = self._models.setdefault(method, self._per_method())
             chosen.update(model.sample_relative(view, trial, own))  # type: ignore[arg-type]
         return chosen
@@ -91,36 +90,26 @@ class MethodwiseSampler(BaseSampler):
 def _belongs(name: str, method: Any) -> bool:
     """Whether a dimension is part of ``method``'s space (None: the only method, whose
     names carry no choice)."""
-    if name == METHOD:
+    if name == METHOD_PARAM:
         return False
-    return method is None or name.startswith(f"{method}.") or name.startswith(SHARED_PREFIXES)
+    return method is None or name.startswith((f"{method}.", LINES_PREFIX))
 
 
 class _MethodView:
-    """The study as a per-method sampler must see it: only that method's trials. It
-    answers what Optuna's samplers ask of a study (trials by state, directions, the
-    storage where a sampler leaves its proposal for other processes)."""
+    """The study as a per-method sampler must see it: only that method's trials. It answers
+    what Optuna's GPSampler asks of a study (trials by state, directions, and the storage
+    where it leaves its proposal for other processes)."""
 
     def __init__(self, study: Study, method: Any):
         self._study, self._method = study, method
         self.directions, self._storage = study.directions, study._storage
-        self._study_id = study._study_id
-
-    def trials(self, states: Container[TrialState] | None) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=False, states=states, use_cache=False)
-        if self._method is None:
-            return trials
-        return [t for t in trials if t.params.get(METHOD) == self._method]
 
     def _get_trials(self, deepcopy: bool = False, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
-        return self.trials(states)
-
-    def get_trials(self, deepcopy: bool = False, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self.trials(states)
-
-    def _is_multi_objective(self) -> bool:
-        return len(self.directions) > 1
+        trials = self._study._get_trials(deepcopy=False, states=states, use_cache=False)
+        if self._method is None:
+            return trials
+        return [t for t in trials if t.params.get(METHOD_PARAM) == self._method]
 
 
 def methodwise_gp(seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:

@@ -75,6 +75,8 @@ from mergesearch.recipe import Recipe, evaluate_setting
 from mergesearch.spaces.knobs import check_space, knob_specs, suggest
 
 BASE_ALIAS = "base"  # linear's name for the base model among its inputs
+METHOD_PARAM = "method"  # the categorical drawn first when several methods are searched
+LINES_PREFIX = "lines."  # LiNeS' dimensions, shared by every method
 
 
 class SearchSpace:
@@ -96,8 +98,8 @@ class SearchSpace:
         dimensions all trials share (NSGA-II/III, CMA-ES) then evolve every knob
         instead of the method alone."""
         names = list(self.methods)
-        name = names[0] if len(names) == 1 else trial.suggest_categorical("method", names)
-        lines = ({p.name: trial.suggest_float(f"lines.{p.name}", *p.search) for p in LINES_PARAMS}
+        name = names[0] if len(names) == 1 else trial.suggest_categorical(METHOD_PARAM, names)
+        lines = ({p.name: trial.suggest_float(f"{LINES_PREFIX}{p.name}", *p.search) for p in LINES_PARAMS}
                  if self.space.lines else None)
         recipes = {m: self._recipe(trial, m, lines) for m in (names if self.flat else [name])}
         return recipes[name]
@@ -134,9 +136,9 @@ class SearchSpace:
         for m in [method] if method else self.methods:
             key, choices = self._source_choices(self.methods[m])
             for choice in choices or [None]:
-                self.sample(_Recorder(dims, {"method": m, key: choice}))
+                self.sample(_Recorder(dims, {METHOD_PARAM: m, key: choice}))
         if method:
-            dims.pop("method", None)
+            dims.pop(METHOD_PARAM, None)
         return dims
 
     # ---- pieces ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from mergesearch.merging.lines import LINES_PARAMS
 from mergesearch.merging.registry import MergeMethod
-from mergesearch.spaces.space import BASE_ALIAS, SearchSpace
+from mergesearch.spaces.space import BASE_ALIAS, LINES_PREFIX, METHOD_PARAM, SearchSpace
 
 WARM_START_ATTR = "warm_start"  # user attr of an enqueued guess: what it is
 DENSITY = 0.5  # TIES' usual density (Yadav et al.; mergekit's examples)
@@ -132,9 +132,9 @@ class _GuessTrial:
         if name in self.params:  # asked again (space.shared): the first answer holds
             return self.params[name]
         method = self.guess.method
-        if name == "method":
+        if name == METHOD_PARAM:
             value = method
-        elif name.startswith(f"{method}.") or name.startswith("lines."):
+        elif name.startswith((f"{method}.", LINES_PREFIX)):
             value = self._knob_value(name, dist)
         else:  # another method's knob in a flat space: any valid value, not recorded
             return _fallback(dist, None)
