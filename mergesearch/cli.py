@@ -285,7 +285,12 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     from rich.table import Table
 
     from mergesearch.search import RunRef, pareto_front, study_hypervolume
-    from mergesearch.search.front import hypervolume_curve, objective_names, sparkline
+    from mergesearch.search.front import (
+        hypervolume_curve,
+        most_balanced,
+        objective_names,
+        sparkline,
+    )
     from mergesearch.search.study import counted, failure_reason, is_duplicate, orphaned
 
     ref = RunRef.from_args(run_dir, storage, study)
@@ -321,6 +326,10 @@ def status(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
         last_gain = next(k for k, hv in curve if hv == curve[-1][1])
         out.print(f"hypervolume by trials scored: {sparkline([hv for _, hv in curve])} "
                   f"(reached within the first {last_gain} of {curve[-1][0]} scored)", highlight=False)
+        if pick := most_balanced(st, front):
+            out.print(f"most balanced: trial {pick[0].number}, keeping at least {pick[1]:.0%} of each "
+                      "source's gain over the base (`front` shows the balance, `export --balanced` "
+                      "takes it)", highlight=False)
     rerun = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs and t.state.is_finished()}
     failures = Counter(failure_reason(t, rerun) for t in trials if t.state.name == "FAIL")
     for reason, n in failures.most_common(5):
@@ -369,6 +378,8 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
            trial: int | None = typer.Option(None, help="Trial number"),
            best: str | None = typer.Option(None, help="Best front point on this objective"),
            weights: str | None = typer.Option(None, help="Front point maximising e.g. add=0.7,sort=0.3"),
+           balanced: bool = typer.Option(False, "--balanced",
+                                         help="The front point with the highest balance (see `front`)"),
            out_dir: Path = typer.Option(..., "--out", help="Folder to write to"),
            save_model: bool = typer.Option(False, "--save-model", help="Also write the merged model")):
     """Write a trial's recipe.json and mergekit.yaml (and with --save-model, the model)."""
@@ -378,11 +389,12 @@ def export(run_dir: str | None = RunArg, storage: str | None = StorageOpt,
     from mergesearch.search.export import trial_recipe
     from mergesearch.search.front import parse_weights
 
-    if sum(x is not None for x in (trial, best, weights)) > 1:
-        raise StudyError("choose one of --trial, --best, --weights")
+    if sum(x is not None for x in (trial, best, weights)) + balanced > 1:
+        raise StudyError("choose one of --trial, --best, --weights, --balanced")
     ref = RunRef.from_args(run_dir, storage, study)
     st = ref.load()
-    t = choose(st, trial=trial, best=best, weights=parse_weights(weights) if weights else None)
+    t = choose(st, trial=trial, best=best, weights=parse_weights(weights) if weights else None,
+               balanced=balanced)
     path = export_trial(ref.config(st), t, out_dir, save_model=save_model)
     scores = ", ".join(f"{k}={v:.4g}" for k, v in (t.user_attrs.get("scores") or {}).items())
     out.print(f"trial {t.number} ({scores}) exported to {path}")

@@ -204,6 +204,12 @@ def test_front_refuses_an_output_in_a_missing_folder_before_reading_the_study(op
     assert error == f"error: {option}: {missing}: no such folder"
 
 
+def test_export_refuses_two_ways_of_choosing_the_trial_before_reading_the_study(tmp_path):
+    error = cli_error("export", tmp_path / "no-run", "--trial", "0", "--balanced", "--out", tmp_path / "x")
+    assert error == "error: choose one of --trial, --best, --weights, --balanced"
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("content, problem", [
     ('["storage", "study"]', 'expected a JSON object with "storage" and "study"'),
     ('{"storage": "sqlite:///x.db"}', '"study" is missing'),

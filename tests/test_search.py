@@ -13,8 +13,11 @@ import pytest
 from optuna.trial import TrialState
 from support.cli import MERGESEARCH_MODULE
 from support.studies import load_study, write_config
+from typer.testing import CliRunner
 
+from mergesearch.cli import app
 from mergesearch.config import load_config
+from mergesearch.recipe import Recipe
 from mergesearch.search import CandidateWorker, Runner, choose, pareto_front
 from mergesearch.search.front import REFERENCES_ATTR
 from mergesearch.search.study import counted
@@ -74,6 +77,17 @@ def test_exported_model_scores_what_its_trial_recorded(finished_run, tmp_path):
     assert scores.values == trial.user_attrs["scores"]
 
 
+def test_export_balanced_writes_the_front_point_keeping_most_of_every_sources_gain(finished_run, tmp_path):
+    config, study = finished_run
+    trial = choose(study, balanced=True)
+    out = tmp_path / "balanced"
+    result = subprocess.run([*MERGESEARCH_MODULE, "export", str(config.run_dir), "--balanced", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"trial {trial.number} (" in result.stdout
+    assert Recipe.from_dict(json.loads((out / "recipe.json").read_text())).hash() == trial.user_attrs["recipe_hash"]
+
+
 def test_front_table_csv_and_plot(finished_run, tmp_path):
     config, study = finished_run
     front = pareto_front(study)
@@ -82,7 +96,7 @@ def test_front_table_csv_and_plot(finished_run, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = csv.read_text().strip().splitlines()
-    assert rows[0].startswith("trial,add,sort,method")
+    assert rows[0].startswith("trial,add,sort,balance,method")
     assert len(rows) == 1 + len(front)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -94,6 +108,14 @@ def test_status_reports_progress_and_best(finished_run):
     assert result.returncode == 0, result.stderr
     assert "8/8 trials counted" in result.stdout
     assert "add" in result.stdout and "sort" in result.stdout
+
+
+def test_status_names_the_most_balanced_front_point(finished_run):
+    config, study = finished_run
+    trial = choose(study, balanced=True)
+    result = CliRunner().invoke(app, ["status", str(config.run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"most balanced: trial {trial.number}, keeping at least" in result.stdout
 
 
 def test_failed_candidates_fail_alone_with_their_reason(tmp_path, demo_experts, ray_session):

@@ -85,6 +85,42 @@ def reference_point(study: optuna.Study) -> np.ndarray:
     return np.where(maximize, arr.min(axis=0), arr.max(axis=0))
 
 
+def kept_gains(study: optuna.Study, values: np.ndarray) -> np.ndarray:
+    """Per point (rows of ``values``) and objective, the share of the best source's gain
+    over the base that the point keeps: 0 at the base's score, 1 at the best source's
+    (directions taken into account). NaN where no source improves on the base (nothing to
+    keep, e.g. a retention task) and for a study without the base's and sources' scores."""
+    names = objective_names(study)
+    values = np.asarray(values, dtype=float).reshape(-1, len(names))
+    refs = study.user_attrs.get(REFERENCES_ATTR) or {}
+    rows = {name: [r[n] for n in names] for name, r in refs.items() if all(n in r for n in names)}
+    if "base" not in rows or len(rows) < 2:
+        return np.full(values.shape, np.nan)
+    sign = np.where(maximize_mask(study), 1.0, -1.0)
+    base = np.array(rows.pop("base")) * sign
+    gain = (np.array(list(rows.values())) * sign).max(axis=0) - base
+    return np.where(gain > 0, (values * sign - base) / np.where(gain > 0, gain, 1.0), np.nan)
+
+
+def balance(study: optuna.Study, values: np.ndarray) -> np.ndarray:
+    """Per point, its smallest kept gain (`kept_gains`) over the objectives some source
+    improves on: how much of every source's skill a merge keeps at once. NaN where no
+    objective has a gain to keep."""
+    gains = kept_gains(study, values)
+    skills = ~np.isnan(gains).all(axis=0)
+    return gains[:, skills].min(axis=1) if skills.any() else np.full(len(gains), np.nan)
+
+
+def most_balanced(study: optuna.Study, front: list[FrozenTrial]) -> tuple[FrozenTrial, float] | None:
+    """The point of ``front`` with the highest `balance`, and its balance; None where the
+    study cannot tell one."""
+    kept = balance(study, np.array([t.values for t in front], dtype=float))
+    if not front or np.isnan(kept).all():
+        return None
+    i = int(np.nanargmax(kept))
+    return front[i], float(kept[i])
+
+
 def study_hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
     trials = trials if trials is not None else scored_trials(study)
     values = np.array([t.values for t in trials], dtype=float).reshape(-1, len(study.directions))
@@ -119,9 +155,10 @@ def sparkline(values: list[float]) -> str:
 
 
 def choose(study: optuna.Study, *, trial: int | None = None, best: str | None = None,
-           weights: dict[str, float] | None = None) -> FrozenTrial:
-    """One trial: by number, best on one objective, or the front point maximising the
-    weighted sum of min-max normalised objectives (directions taken into account)."""
+           weights: dict[str, float] | None = None, balanced: bool = False) -> FrozenTrial:
+    """One trial: by number, best on one objective, the most balanced front point (the
+    highest `balance`), or the front point maximising the weighted sum of min-max
+    normalised objectives (directions taken into account)."""
     names = objective_names(study)
     if trial is not None:
         try:
@@ -144,6 +181,12 @@ def choose(study: optuna.Study, *, trial: int | None = None, best: str | None = 
             raise StudyError(f"--best: unknown objective {best!r}; objectives: {', '.join(names)}")
         i = names.index(best)
         return front[int(np.argmax(values[:, i] * sign[i]))]
+    if balanced:
+        pick = most_balanced(study, front)
+        if pick is None:
+            raise StudyError("--balanced: no objective where a source beats the base (or the study "
+                             "has no scores of the base and sources): nothing to balance")
+        return pick[0]
     weights = weights or {n: 1.0 for n in names}
     unknown = sorted(set(weights) - set(names))
     if unknown:
@@ -167,11 +210,16 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per front point: its scores, its `balance` (where the study can tell), its
+    method and recipe hash."""
     names = objective_names(study)
+    trials = pareto_front(study)
+    balances = balance(study, np.array([t.values for t in trials], dtype=float))
     rows = []
-    for t in pareto_front(study):
+    for t, kept in zip(trials, balances):
         recipe = t.user_attrs.get("recipe", {})
         rows.append({"trial": t.number, **dict(zip(names, t.values)),
+                     **({} if np.isnan(kept) else {"balance": float(kept)}),
                      "method": recipe.get("method", "?"), "recipe_hash": t.user_attrs.get("recipe_hash")})
     return rows
 
