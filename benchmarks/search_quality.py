@@ -20,8 +20,11 @@ start's recipes (`mergesearch.spaces.warm_start`), as ``sampler.warm_start: true
 
 Reported: the median hypervolume over seeds with the quartiles at 25/50/100/150 trials,
 how many trials each seed takes to reach random search's median hypervolume at the last
-trial, per-seed curves as CSV (``sampler,seed,trial,hv``, beside ``--out``, with the
-reference point in a ``.json`` next to it) and a plot of the median with a quartile band.
+trial, the best balanced point found (`balance_curve`: the weakest skill's share of its
+expert's gain, what the "model families" issue asks to reach 0.85), per-seed curves as CSV
+(``sampler,seed,trial,hv,balanced``, beside ``--out``, with the reference point and the
+base's and experts' scores in a ``.json`` next to it) and a plot of the median hypervolume
+with a quartile band.
 
 Scores are cached on disk by recipe hash (``--cache``, SQLite; one row per recipe, under a
 key of the models' files, the objectives, the tasks' files and the seed), shared by every
@@ -58,7 +61,7 @@ WARM = "+warm"
 CHECKPOINTS = (25, 50, 100, 150)
 CACHE = ROOT / "runs" / "benchmark" / "scores.sqlite"
 
-_problem = None  # per process: (config, base, sources, num_layers, worker, reference)
+_problem = None  # per process: (config, base, sources, num_layers, worker, anchors)
 _cache = None  # per process: a ScoreCache, or None
 
 
@@ -100,9 +103,9 @@ def load_problem(limit: int | None, population: int | None = None, methods: list
     for path in sources.values():
         recipe = Recipe(method="passthrough", models=[{"model": path}])
         references.append(worker.evaluate(recipe.model_dump_json()).values)
-    reference = np.array([[r[n] for n in names] for r in references]).min(axis=0)
+    anchors = np.array([[r[n] for n in names] for r in references])
     num_layers = Checkpoint.open(base).num_layers
-    return config, base, sources, num_layers, worker, reference
+    return config, base, sources, num_layers, worker, anchors
 
 
 # ---- the score cache ------------------------------------------------------------------
@@ -236,7 +239,7 @@ def run_sampler(sampler: str, seed: int, n_trials: int, max_examples: int | None
     from mergesearch.spaces.warm_start import enqueue_warm_start
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config, base, sources, num_layers, worker, reference = _problem
+    config, base, sources, num_layers, worker, anchors = _problem
     names = [o.name for o in config.objectives]
     weighted_sum = sampler == "cmaes-ws"
     config = _search_config(config, "cmaes" if weighted_sum else sampler, seed, n_trials, method)
@@ -273,7 +276,8 @@ def run_sampler(sampler: str, seed: int, n_trials: int, max_examples: int | None
         rows.append(values if fidelity >= 1 else [np.nan] * len(names))
     return {"sampler": sampler, "seed": seed, "warm": warm, "method": method, "objectives": names, "values": rows,
             "unique": len(cache), "fresh": fresh, "methods": methods, "examples": examples,
-            "seconds": time.perf_counter() - started, "reference": reference.tolist()}
+            "seconds": time.perf_counter() - started, "reference": anchors.min(axis=0).tolist(),
+            "anchors": anchors.tolist()}
 
 
 def _search_config(config, sampler: str, seed: int, n_trials: int, method: str | None):
@@ -304,13 +308,33 @@ def hv_curve(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return curve
 
 
+RETAIN = 0.95  # a balanced point keeps this share of the base's score where no expert beats it
+BALANCED = 0.85  # the weakest skill's normalised score the demo's search should reach (issue 15)
+
+
+def balance_curve(values: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """The best balanced score among the first n trials, for every n. A trial's balanced
+    score is its weakest skill, normalised from the base (0) to the best expert on that
+    skill (1), over the objectives some expert improves on the base (the skills; the
+    `balance` that `mergesearch front` shows); a trial that keeps less than `RETAIN` of the
+    base's score on another objective (a retention objective, such as the SmolLM2 family's
+    ``facts``) has none (-inf). ``anchors``: the base's scores, then each expert's."""
+    from mergesearch.search.front import gains_kept
+
+    gains = gains_kept(values, anchors[0], anchors[1:], np.ones(values.shape[1], dtype=bool))
+    skill = ~np.isnan(gains).all(axis=0)
+    kept = (values[:, ~skill] >= RETAIN * anchors[0, ~skill]).all(axis=1)
+    score = np.where(kept & np.isfinite(gains[:, skill]).all(axis=1), gains[:, skill].min(axis=1), -np.inf)
+    return np.maximum.accumulate(score)
+
+
 def trials_to_reach(curve: np.ndarray, target: float) -> int | None:
     hit = np.nonzero(curve >= target - 1e-12)[0]
     return int(hit[0]) + 1 if len(hit) else None
 
 
 def quartiles(c: np.ndarray, trial: int) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile) over seeds of the hypervolume after
+    """(first quartile, median, third quartile) over seeds of the curves' value after
     ``trial`` trials (a curve that ended earlier holds its last value)."""
     at = c[:, min(trial, c.shape[1]) - 1]
     q1, med, q3 = np.percentile(at, [25, 50, 75])
@@ -338,16 +362,18 @@ def plot(curves: dict[str, np.ndarray], out: Path, title: str) -> None:
     fig.savefig(out, dpi=120)
 
 
-def write_curves(curves: dict[str, np.ndarray], seeds: list[int], out: Path, info: dict) -> tuple[Path, Path]:
-    """Per-seed curves as ``sampler,seed,trial,hv`` rows; the reference point and the
-    run's settings in a JSON file beside them."""
+def write_curves(curves: dict[str, np.ndarray], balance: dict[str, np.ndarray], seeds: list[int],
+                 out: Path, info: dict) -> tuple[Path, Path]:
+    """Per-seed curves as ``sampler,seed,trial,hv,balanced`` rows; the reference point and
+    the run's settings in a JSON file beside them."""
     path, side = out.with_suffix(".csv"), out.with_suffix(".json")
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["sampler", "seed", "trial", "hv"])
+        w.writerow(["sampler", "seed", "trial", "hv", "balanced"])
         for name, c in curves.items():
-            for seed, curve in zip(seeds, c):
-                w.writerows([name, seed, t + 1, f"{hv:.6g}"] for t, hv in enumerate(curve))
+            for seed, curve, bal in zip(seeds, c, balance[name]):
+                w.writerows([name, seed, t + 1, f"{hv:.6g}", f"{b:.4f}"]
+                            for t, (hv, b) in enumerate(zip(curve, bal)))
     side.write_text(json.dumps(info, indent=2) + "\n")
     return path, side
 
@@ -413,6 +439,17 @@ def report(curves: dict[str, np.ndarray], n_trials: int, best: dict[str, tuple[s
               f"{len(reach)} seeds; median at {n_trials} trials {gain:+.0%} vs random")
 
 
+def report_balance(balance: dict[str, np.ndarray], n_trials: int, checkpoints: tuple[int, ...]) -> None:
+    marks = sorted({c for c in checkpoints if c <= n_trials} | {n_trials})
+    print(f"best balanced point (weakest skill normalised, base 0 and expert 1; retention "
+          f">= {RETAIN:.0%} of the base's): median [quartiles]")
+    print("| sampler | " + " | ".join(f"@{c}" for c in marks) + f" | seeds >= {BALANCED} |")
+    print("|---|" + "---|" * (len(marks) + 1))
+    for s, c in balance.items():
+        cells = [f"{med:.2f} [{q1:.2f}, {q3:.2f}]" for q1, med, q3 in (quartiles(c, m) for m in marks)]
+        print(f"| {s} | " + " | ".join(cells) + f" | {int((c[:, -1] >= BALANCED).sum())} of {len(c)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", nargs="+", default=SAMPLERS,
@@ -452,10 +489,12 @@ def main() -> None:
         jobs = make_jobs(args.samplers, seeds, methods, args.warm_start)
         results = list(pool.map(run_job, jobs, [args.trials] * len(jobs)))
     names, reference = results[0]["objectives"], np.array(results[0]["reference"])
-    curves = {}
+    anchors = np.array(results[0]["anchors"])
+    curves, balance = {}, {}
     for label in dict.fromkeys(j.label for j in jobs):
-        runs = [r for r in results if r["label"] == label]
-        curves[label] = np.stack([hv_curve(np.array(r["values"], dtype=float), reference) for r in runs])
+        runs = [np.array(r["values"], dtype=float) for r in results if r["label"] == label]
+        curves[label] = np.stack([hv_curve(values, reference) for values in runs])
+        balance[label] = np.stack([balance_curve(values, anchors) for values in runs])
     best = best_method_curves(curves)
     summary = {**{k: v for k, v in curves.items() if "[" not in k}, **{k: c for k, (_, c) in best.items()}}
 
@@ -468,12 +507,15 @@ def main() -> None:
           + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, reference)))
     every = {**summary, **{k: v for k, v in curves.items() if "[" in k}}
     report(every, args.trials, best, tuple(args.checkpoints))
-    info = {"family": args.family, "reference": dict(zip(names, reference.tolist())), "limit": limit,
+    balance |= {k: balance[f"{k}[{m}]"] for k, (m, _) in best.items()}  # cmaes-ws: its best method
+    report_balance({k: balance[k] for k in every}, args.trials, tuple(args.checkpoints))
+    info = {"family": args.family, "reference": dict(zip(names, reference.tolist())),
+            "base_and_experts": anchors.tolist(), "limit": limit,
             "trials": args.trials,
             "seeds": seeds, "best_method": {k: m for k, (m, _) in best.items()},
             "seconds_per_run_median": {k: float(np.median([r["seconds"] for r in results if r["label"] == k]))
                                 for k in curves}}
-    csv_path, side = write_curves(every, seeds, args.out, info)
+    csv_path, side = write_curves(every, balance, seeds, args.out, info)
     plot(summary, args.out, f"{args.family}: {examples} per objective, "
                             f"{len(seeds)} seeds")
     print(f"curves: {csv_path}; reference point and settings: {side}; plot: {args.out}")

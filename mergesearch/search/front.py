@@ -87,19 +87,26 @@ def reference_point(study: optuna.Study) -> np.ndarray:
 
 def kept_gains(study: optuna.Study, values: np.ndarray) -> np.ndarray:
     """Per point (rows of ``values``) and objective, the share of the best source's gain
-    over the base that the point keeps: 0 at the base's score, 1 at the best source's
-    (directions taken into account). NaN where no source improves on the base (nothing to
-    keep, e.g. a retention task) and for a study without the base's and sources' scores."""
+    over the base that the point keeps (`gains_kept`), from the base's and sources' scores
+    the study stores; all NaN for a study without them."""
     names = objective_names(study)
     values = np.asarray(values, dtype=float).reshape(-1, len(names))
     refs = study.user_attrs.get(REFERENCES_ATTR) or {}
     rows = {name: [r[n] for n in names] for name, r in refs.items() if all(n in r for n in names)}
     if "base" not in rows or len(rows) < 2:
         return np.full(values.shape, np.nan)
-    sign = np.where(maximize_mask(study), 1.0, -1.0)
-    base = np.array(rows.pop("base")) * sign
-    gain = (np.array(list(rows.values())) * sign).max(axis=0) - base
-    return np.where(gain > 0, (values * sign - base) / np.where(gain > 0, gain, 1.0), np.nan)
+    base = rows.pop("base")
+    return gains_kept(values, np.array(base), np.array(list(rows.values())), maximize_mask(study))
+
+
+def gains_kept(values: np.ndarray, base: np.ndarray, sources: np.ndarray, maximize: np.ndarray) -> np.ndarray:
+    """Per point (rows of ``values``) and objective, the share of the best source's gain
+    over the base that the point keeps: 0 at the base's score, 1 at the best source's
+    (directions taken into account). NaN where no source improves on the base (nothing to
+    keep, e.g. a retention task). ``sources``: one row of scores per source."""
+    sign = np.where(maximize, 1.0, -1.0)
+    gain = (sources * sign).max(axis=0) - base * sign
+    return np.where(gain > 0, (values * sign - base * sign) / np.where(gain > 0, gain, 1.0), np.nan)
 
 
 def balance(study: optuna.Study, values: np.ndarray) -> np.ndarray:
