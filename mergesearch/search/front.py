@@ -121,8 +121,10 @@ def balance(study: optuna.Study, values: np.ndarray) -> np.ndarray:
 def most_balanced(study: optuna.Study, front: list[FrozenTrial]) -> tuple[FrozenTrial, float] | None:
     """The point of ``front`` with the highest `balance`, and its balance; None where the
     study cannot tell one."""
+    if not front:
+        return None
     kept = balance(study, np.array([t.values for t in front], dtype=float))
-    if not front or np.isnan(kept).all():
+    if np.isnan(kept).all():
         return None
     i = int(np.nanargmax(kept))
     return front[i], float(kept[i])
